@@ -1,0 +1,241 @@
+//! Compact per-cluster state: the few facts about Services and EndpointSlices that the name
+//! table needs, and nothing else. Every source of cluster state (object dumps, live watches)
+//! folds what it reads into a [`ClusterState`], and the table builder reads only this type.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use thiserror::Error;
+
+/// Label a Kubernetes EndpointSlice carries to name the Service it belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Identity of a namespaced object. Names are stored lowercase: DNS is case-insensitive and
+/// Kubernetes names are DNS labels already.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_ascii_lowercase(),
+            name: name.to_ascii_lowercase(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a Service is addressed, which decides how its name is answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// A virtual IP per family (`spec.clusterIPs`); also NodePort and LoadBalancer services.
+    ClusterIp(Vec<IpAddr>),
+    /// `clusterIP: None`: the name stands for the endpoints themselves.
+    Headless,
+    /// `type: ExternalName`: the name is an alias of `spec.externalName`.
+    ExternalName(String),
+}
+
+/// Transport protocol of a service port, as Kubernetes spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl PortProtocol {
+    /// Parses the Kubernetes spelling; an absent protocol means TCP, as in the API defaults.
+    pub fn parse(s: Option<&str>) -> Option<Self> {
+        match s.map(str::to_ascii_uppercase).as_deref() {
+            None | Some("TCP") => Some(Self::Tcp),
+            Some("UDP") => Some(Self::Udp),
+            Some("SCTP") => Some(Self::Sctp),
+            Some(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// The address a load balancer gives a Service: an IP or, for some cloud LBs, a DNS name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ingress {
+    Ip(IpAddr),
+    Hostname(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub kind: ServiceKind,
+    pub ports: Vec<ServicePort>,
+    /// `spec.publishNotReadyAddresses`: headless names then include endpoints that are not ready.
+    pub publish_not_ready: bool,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    /// A missing `ready` condition counts as ready, as the EndpointSlice API documents.
+    pub ready: bool,
+    pub hostname: Option<String>,
+}
+
+/// The parts of an EndpointSlice the table needs; kept only for headless services.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// The Service this slice belongs to (label `kubernetes.io/service-name`), lowercase.
+    pub service: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything meshdns knows about one cluster at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    pub services: HashMap<ObjectKey, Service>,
+    /// EndpointSlices by their own namespace/name.
+    pub endpoint_slices: HashMap<ObjectKey, EndpointSlice>,
+    /// Load-balancer ingress of every Service matching the cluster's east-west gateway selector.
+    pub gateways: BTreeMap<ObjectKey, Vec<Ingress>>,
+}
+
+impl ClusterState {
+    /// The east-west gateway addresses of this cluster, each once, in a stable order.
+    pub fn gateway_addresses(&self) -> Vec<Ingress> {
+        let mut all: Vec<Ingress> = self.gateways.values().flatten().cloned().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid label selector {selector:?}: {reason}")]
+pub struct SelectorError {
+    pub selector: String,
+    pub reason: &'static str,
+}
+
+/// An equality-based Kubernetes label selector (`k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-joined).
+/// Set-based terms (`in`, `notin`) are rejected when parsed rather than silently mismatched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelSelector {
+    source: String,
+    terms: Vec<Term>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Term {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl LabelSelector {
+    pub fn parse(selector: &str) -> Result<Self, SelectorError> {
+        let err = |reason| SelectorError {
+            selector: selector.to_string(),
+            reason,
+        };
+        let mut terms = Vec::new();
+        for raw in selector.split(',') {
+            let term = raw.trim();
+            if term.is_empty() {
+                return Err(err("empty term"));
+            }
+            if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
+                return Err(err("set-based terms are not supported; use key=value"));
+            }
+            let parsed = if let Some((k, v)) = term.split_once("!=") {
+                Term::NotEquals(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                Term::Equals(k.trim().to_string(), v.trim().to_string())
+            } else if let Some(k) = term.strip_prefix('!') {
+                Term::NotExists(k.trim().to_string())
+            } else {
+                Term::Exists(term.to_string())
+            };
+            let key = match &parsed {
+                Term::Equals(k, _) | Term::NotEquals(k, _) | Term::Exists(k) | Term::NotExists(k) => k,
+            };
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(err("a term has an empty or malformed key"));
+            }
+            terms.push(parsed);
+        }
+        Ok(Self {
+            source: selector.to_string(),
+            terms,
+        })
+    }
+
+    /// Whether a label set satisfies every term.
+    pub fn matches<'a, I>(&self, labels: I) -> bool
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    {
+        let get = |key: &str| labels.clone().into_iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+        self.terms.iter().all(|term| match term {
+            Term::Equals(k, v) => get(k) == Some(v.as_str()),
+            Term::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            Term::Exists(k) => get(k).is_some(),
+            Term::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+impl fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+/// The selector Istio puts on its east-west gateway Service.
+pub const DEFAULT_GATEWAY_SELECTOR: &str = "istio=eastwestgateway";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_terms() {
+        let labels = [("istio", "eastwestgateway"), ("app", "gw")];
+        let cases = [
+            ("istio=eastwestgateway", true),
+            ("istio==eastwestgateway", true),
+            ("istio=ingressgateway", false),
+            ("istio=eastwestgateway,app=gw", true),
+            ("istio=eastwestgateway,app!=gw", false),
+            ("app", true),
+            ("!app", false),
+            ("!missing", true),
+        ];
+        for (selector, want) in cases {
+            let parsed = LabelSelector::parse(selector).expect(selector);
+            assert_eq!(parsed.matches(labels.iter().copied()), want, "{selector}");
+        }
+    }
+
+    #[test]
+    fn selector_rejects_set_terms_and_empty_keys() {
+        for bad in ["", "a in (b)", "=x", "a=b,,c"] {
+            assert!(LabelSelector::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The meshdns configuration file: its YAML schema (camelCase keys, like Kubernetes objects),
+//! the defaults, and the validation that turns a file into a [`Config`] the rest of the
+//! program can trust. Reading the file ([`Config::load`]) is kept apart from building and
+//! checking it ([`Config::from_parts`]), so tests and the embedded demo need no files.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::cluster::{DEFAULT_GATEWAY_SELECTOR, Ingress, LabelSelector};
+use crate::resolv::DNS_PORT;
+use crate::upstream::{DEFAULT_DEADLINE, DEFAULT_TRY_TIMEOUT};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// CoreDNS's kubernetes plugin answers with TTL 5; meshdns's table follows watches just as
+/// closely, but remote answers change rarely, so a longer default saves client round trips.
+pub const DEFAULT_TTL: u32 = 30;
+/// Negative-caching TTL (SOA minimum): short, so a Service created a moment after a failed
+/// lookup resolves soon.
+pub const DEFAULT_NEGATIVE_TTL: u32 = 5;
+/// A sidecar must not start one thread per node CPU.
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// Idle TCP clients are dropped after this long, so they cannot pin connections forever.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for configured TTLs: one day, as most resolvers cap anyway.
+pub const MAX_TTL: u32 = 86_400;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The file as written; every field optional so defaults live in one place.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    pub listen: Option<Vec<String>>,
+    pub upstreams: Option<Vec<String>>,
+    pub resolv_conf: Option<PathBuf>,
+    pub search: Option<Vec<String>>,
+    pub cluster_domain: Option<String>,
+    pub ttl: Option<u32>,
+    pub negative_ttl: Option<u32>,
+    pub upstream_timeout: Option<String>,
+    pub upstream_deadline: Option<String>,
+    pub tcp_idle_timeout: Option<String>,
+    pub worker_threads: Option<usize>,
+    #[serde(default)]
+    pub clusters: Vec<FileCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileCluster {
+    pub name: String,
+    #[serde(default)]
+    pub local: bool,
+    pub objects: Option<PathBuf>,
+    pub east_west_gateway: Option<FileGateway>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileGateway {
+    pub selector: Option<String>,
+    pub addresses: Option<Vec<String>>,
+}
+
+/// Where a cluster's state comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterSource {
+    /// A `kubectl get services,endpointslices -A -o yaml|json` dump, reloaded when it changes.
+    Objects(PathBuf),
+    /// A dump compiled into the binary (the demo).
+    Embedded(&'static str),
+}
+
+impl std::fmt::Display for ClusterSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Objects(path) => write!(f, "objects {}", path.display()),
+            Self::Embedded(_) => f.write_str("embedded demo dump"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub selector: LabelSelector,
+    /// Static addresses that replace whatever the gateway Service reports.
+    pub addresses: Option<Vec<Ingress>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub local: bool,
+    pub source: ClusterSource,
+    pub gateway: GatewayConfig,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, for messages; `None` for the embedded demo.
+    pub path: Option<PathBuf>,
+    pub listen: Vec<SocketAddr>,
+    /// `None`: take the nameservers of `resolv_conf`.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    pub resolv_conf: PathBuf,
+    /// Search domains replacing resolv.conf's, lowercase without trailing dots; `None`: use
+    /// resolv.conf's, as a pod normally should.
+    pub search: Option<Vec<String>>,
+    /// Lowercase, without the trailing dot.
+    pub cluster_domain: String,
+    pub ttl: u32,
+    pub negative_ttl: u32,
+    pub upstream_timeout: Duration,
+    pub upstream_deadline: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub worker_threads: usize,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// Command-line values that take precedence over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub upstreams: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths in it are relative to the file.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = parse_file(path, &text)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_parts(Some(path), base, file, overrides)
+    }
+
+    /// Validates an already parsed file. `base` resolves relative paths; nothing is read.
+    pub fn from_parts(
+        path: Option<&Path>,
+        base: &Path,
+        file: FileConfig,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let shown = path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf);
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: shown.clone(),
+            field: field.to_string(),
+            message,
+        };
+
+        let listen_src = if overrides.listen.is_empty() {
+            file.listen.unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+        } else {
+            overrides.listen.clone()
+        };
+        let listen = listen_src
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<SocketAddr>()
+                    .map_err(|_| invalid(&format!("listen[{i}]"), format!("{s:?} is not an IP:port address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if listen.is_empty() {
+            return Err(invalid("listen", "at least one address is needed".into()));
+        }
+
+        let upstream_src = if overrides.upstreams.is_empty() {
+            file.upstreams
+        } else {
+            Some(overrides.upstreams.clone())
+        };
+        let upstreams = upstream_src
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        parse_upstream(s).ok_or_else(|| {
+                            invalid(
+                                &format!("upstreams[{i}]"),
+                                format!("{s:?} is not an IP address with an optional port"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        if let Some(up) = upstreams.iter().flatten().find(|u| listen.contains(u)) {
+            return Err(invalid(
+                "upstreams",
+                format!("{up} is also a listen address: meshdns would forward to itself"),
+            ));
+        }
+
+        let cluster_domain = file
+            .cluster_domain
+            .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_string())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if cluster_domain.is_empty()
+            || hickory_proto::rr::Name::from_ascii(&cluster_domain).is_err()
+            || cluster_domain.split('.').any(str::is_empty)
+        {
+            return Err(invalid(
+                "clusterDomain",
+                format!("{cluster_domain:?} is not a domain name"),
+            ));
+        }
+
+        let search = file
+            .search
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let d = d.trim_end_matches('.').to_ascii_lowercase();
+                        let valid = !d.is_empty() && d.split('.').all(is_dns_label_loose);
+                        valid
+                            .then_some(d.clone())
+                            .ok_or_else(|| invalid(&format!("search[{i}]"), format!("{d:?} is not a domain name")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+
+        let ttl = file.ttl.unwrap_or(DEFAULT_TTL);
+        if ttl > MAX_TTL {
+            return Err(invalid("ttl", format!("{ttl} is above the maximum {MAX_TTL}")));
+        }
+        let negative_ttl = file.negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL);
+        if negative_ttl > MAX_TTL {
+            return Err(invalid(
+                "negativeTtl",
+                format!("{negative_ttl} is above the maximum {MAX_TTL}"),
+            ));
+        }
+        let duration = |field: &str, value: Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(s) => parse_duration(&s)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid(field, format!("{s:?} is not a positive duration like 2s or 500ms"))),
+        };
+        let upstream_timeout = duration("upstreamTimeout", file.upstream_timeout, DEFAULT_TRY_TIMEOUT)?;
+        let upstream_deadline = duration("upstreamDeadline", file.upstream_deadline, DEFAULT_DEADLINE)?;
+        let tcp_idle_timeout = duration("tcpIdleTimeout", file.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT)?;
+        let worker_threads = file.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS);
+        if worker_threads == 0 {
+            return Err(invalid("workerThreads", "must be at least 1".into()));
+        }
+
+        let mut clusters = Vec::with_capacity(file.clusters.len());
+        let mut names = HashSet::new();
+        for (i, c) in file.clusters.into_iter().enumerate() {
+            let field = |f: &str| format!("clusters[{i}].{f}");
+            if !is_dns_label(&c.name) {
+                return Err(invalid(
+                    &field("name"),
+                    format!("{:?} is not a DNS label (lowercase letters, digits, '-')", c.name),
+                ));
+            }
+            if !names.insert(c.name.clone()) {
+                return Err(invalid(&field("name"), format!("cluster {:?} is listed twice", c.name)));
+            }
+            let source = match c.objects {
+                Some(p) => ClusterSource::Objects(base.join(p)),
+                None => {
+                    return Err(invalid(
+                        &field("objects"),
+                        "required: the path of a kubectl object dump".into(),
+                    ));
+                }
+            };
+            let gw = c.east_west_gateway.unwrap_or_default();
+            let selector_src = gw.selector.unwrap_or_else(|| DEFAULT_GATEWAY_SELECTOR.to_string());
+            let selector = LabelSelector::parse(&selector_src)
+                .map_err(|e| invalid(&field("eastWestGateway.selector"), e.to_string()))?;
+            let addresses = gw
+                .addresses
+                .map(|list| {
+                    list.iter()
+                        .enumerate()
+                        .map(|(j, a)| {
+                            parse_ingress(a).ok_or_else(|| {
+                                invalid(
+                                    &field(&format!("eastWestGateway.addresses[{j}]")),
+                                    format!("{a:?} is neither an IP address nor a host name"),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            clusters.push(ClusterConfig {
+                name: c.name,
+                local: c.local,
+                source,
+                gateway: GatewayConfig { selector, addresses },
+            });
+        }
+        match clusters.iter().filter(|c| c.local).count() {
+            1 => {}
+            0 => {
+                return Err(invalid(
+                    "clusters",
+                    "exactly one cluster must have `local: true`; none has".into(),
+                ));
+            }
+            n => {
+                return Err(invalid(
+                    "clusters",
+                    format!("exactly one cluster must have `local: true`; {n} have"),
+                ));
+            }
+        }
+
+        Ok(Self {
+            path: path.map(Path::to_path_buf),
+            listen,
+            upstreams,
+            resolv_conf: base.join(file.resolv_conf.unwrap_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF))),
+            search,
+            cluster_domain,
+            ttl,
+            negative_ttl,
+            upstream_timeout,
+            upstream_deadline,
+            tcp_idle_timeout,
+            worker_threads,
+            clusters,
+        })
+    }
+
+    /// The name of the local cluster (validation guarantees there is exactly one).
+    pub fn local_cluster(&self) -> &str {
+        self.clusters.iter().find(|c| c.local).map_or("", |c| c.name.as_str())
+    }
+}
+
+/// Parses config YAML; serde's messages name the offending key and its line.
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// `ADDR`, `ADDR:PORT`, `[V6]:PORT` or a bare IPv6 address; port 53 when none is given.
+pub fn parse_upstream(s: &str) -> Option<SocketAddr> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, DNS_PORT))
+}
+
+/// `500ms`, `2s`, `1m`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+fn parse_ingress(s: &str) -> Option<Ingress> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(Ingress::Ip(ip));
+    }
+    let host = s.trim_end_matches('.').to_ascii_lowercase();
+    let valid = !host.is_empty() && host.split('.').all(is_dns_label_loose);
+    valid.then_some(Ingress::Hostname(host))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_label_loose(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(yaml: &str) -> Result<Config, ConfigError> {
+        let path = Path::new("/etc/meshdns/config.yaml");
+        let file = parse_file(path, yaml)?;
+        Config::from_parts(Some(path), Path::new("/etc/meshdns"), file, &Overrides::default())
+    }
+
+    const GOOD: &str = "\
+listen: [\"127.0.0.1:15053\", \"[::1]:15053\"]
+upstreams: [\"127.0.0.1:5300\", \"10.96.0.10\"]
+clusterDomain: Cluster.Local.
+ttl: 30
+clusters:
+  - name: cluster-1
+    local: true
+    objects: dumps/cluster-1.yaml
+  - name: cluster-2
+    objects: /abs/cluster-2.yaml
+    eastWestGateway:
+      selector: istio=eastwestgateway
+      addresses: [203.0.113.7, gw.example.com.]
+";
+
+    #[test]
+    fn full_file() {
+        let cfg = build(GOOD).expect("valid");
+        assert_eq!(cfg.listen.len(), 2);
+        assert_eq!(
+            cfg.upstreams,
+            Some(vec![
+                "127.0.0.1:5300".parse().unwrap(),
+                "10.96.0.10:53".parse().unwrap()
+            ])
+        );
+        assert_eq!(cfg.cluster_domain, "cluster.local");
+        assert_eq!(cfg.local_cluster(), "cluster-1");
+        assert_eq!(
+            cfg.clusters[0].source,
+            ClusterSource::Objects(PathBuf::from("/etc/meshdns/dumps/cluster-1.yaml"))
+        );
+        assert_eq!(
+            cfg.clusters[1].source,
+            ClusterSource::Objects(PathBuf::from("/abs/cluster-2.yaml"))
+        );
+        assert_eq!(
+            cfg.clusters[1].gateway.addresses,
+            Some(vec![
+                Ingress::Ip("203.0.113.7".parse().unwrap()),
+                Ingress::Hostname("gw.example.com".into())
+            ])
+        );
+        assert_eq!(cfg.upstream_timeout, DEFAULT_TRY_TIMEOUT);
+        assert_eq!(cfg.worker_threads, 1);
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = build("clusters: [{name: c1, local: true, objects: a.yaml}]").expect("valid");
+        assert_eq!(cfg.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(cfg.upstreams, None);
+        assert_eq!(cfg.resolv_conf, PathBuf::from(DEFAULT_RESOLV_CONF));
+        assert_eq!(cfg.ttl, DEFAULT_TTL);
+        assert_eq!(cfg.negative_ttl, DEFAULT_NEGATIVE_TTL);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                "unknown key",
+                "clusters: [{name: c1, local: true, objects: a}]\nlisten2: []",
+                "listen2",
+            ),
+            (
+                "unknown nested key",
+                "clusters: [{name: c1, local: true, objects: a, bogus: 1}]",
+                "bogus",
+            ),
+            ("no local", "clusters: [{name: c1, objects: a}]", "clusters"),
+            (
+                "two local",
+                "clusters: [{name: c1, local: true, objects: a}, {name: c2, local: true, objects: b}]",
+                "clusters",
+            ),
+            (
+                "no objects",
+                "clusters: [{name: c1, local: true}]",
+                "clusters[0].objects",
+            ),
+            (
+                "bad listen",
+                "listen: [nope]\nclusters: [{name: c1, local: true, objects: a}]",
+                "listen[0]",
+            ),
+            (
+                "bad upstream",
+                "upstreams: [x.y]\nclusters: [{name: c1, local: true, objects: a}]",
+                "upstreams[0]",
+            ),
+            (
+                "loop",
+                "listen: [\"127.0.0.1:53\"]\nupstreams: [127.0.0.1]\nclusters: [{name: c1, local: true, objects: a}]",
+                "upstreams",
+            ),
+            (
+                "bad name",
+                "clusters: [{name: Cluster_1, local: true, objects: a}]",
+                "clusters[0].name",
+            ),
+            (
+                "dup name",
+                "clusters: [{name: c1, local: true, objects: a}, {name: c1, objects: b}]",
+                "clusters[1].name",
+            ),
+            (
+                "bad selector",
+                "clusters: [{name: c1, local: true, objects: a, eastWestGateway: {selector: 'a in (b)'}}]",
+                "selector",
+            ),
+            (
+                "bad duration",
+                "upstreamTimeout: 2 parsecs\nclusters: [{name: c1, local: true, objects: a}]",
+                "upstreamTimeout",
+            ),
+            (
+                "bad ttl type",
+                "ttl: thirty\nclusters: [{name: c1, local: true, objects: a}]",
+                "ttl",
+            ),
+            (
+                "bad search",
+                "search: ['a..b']\nclusters: [{name: c1, local: true, objects: a}]",
+                "search[0]",
+            ),
+            (
+                "bad domain",
+                "clusterDomain: 'a..b'\nclusters: [{name: c1, local: true, objects: a}]",
+                "clusterDomain",
+            ),
+        ];
+        for (name, yaml, want) in cases {
+            let err = build(yaml).expect_err(name).to_string();
+            assert!(err.contains("/etc/meshdns/config.yaml"), "{name}: {err}");
+            assert!(err.contains(want), "{name}: {err:?} does not mention {want}");
+        }
+    }
+
+    #[test]
+    fn overrides_win() {
+        let path = Path::new("c.yaml");
+        let file = parse_file(path, GOOD).unwrap();
+        let over = Overrides {
+            listen: vec!["127.0.0.1:0".into()],
+            upstreams: vec!["[::1]:5353".into()],
+        };
+        let cfg = Config::from_parts(Some(path), Path::new("."), file, &over).unwrap();
+        assert_eq!(cfg.listen, vec!["127.0.0.1:0".parse().unwrap()]);
+        assert_eq!(cfg.upstreams, Some(vec!["[::1]:5353".parse().unwrap()]));
+    }
+
+    #[test]
+    fn durations_and_upstreams() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_upstream("::1"), Some("[::1]:53".parse().unwrap()));
+        assert_eq!(parse_upstream("[::1]"), Some("[::1]:53".parse().unwrap()));
+        assert_eq!(parse_upstream("1.2.3.4:99"), Some("1.2.3.4:99".parse().unwrap()));
+        assert_eq!(parse_upstream("host:53"), None);
+    }
+}

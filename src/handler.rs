@@ -1,0 +1,202 @@
+//! The wire side: hickory-server's [`RequestHandler`] for meshdns. It validates the request,
+//! asks the answer rules ([`crate::lookup`]) what to do, and either encodes the local answer or
+//! relays the upstream's reply under the client's ID and question. No name logic lives here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tracing::{debug, warn};
+
+use crate::hub::SharedTable;
+use crate::lookup::{self, LocalAnswer, Resolution};
+use crate::upstream::{Forward, Transport};
+
+/// The smallest payload every DNS client accepts (RFC 1035); an EDNS client asking for less
+/// is given this much.
+pub const MIN_UDP_PAYLOAD: u16 = 512;
+/// Payload advertised in meshdns's own queries (chasing an alias): the DNS flag day 2020 value
+/// that avoids IP fragmentation.
+pub const CHASE_UDP_PAYLOAD: u16 = 1232;
+
+/// Answers DNS requests from the table, forwarding what the table does not own.
+pub struct DnsHandler<F> {
+    table: SharedTable,
+    forwarder: Arc<F>,
+}
+
+impl<F: Forward> DnsHandler<F> {
+    pub fn new(table: SharedTable, forwarder: Arc<F>) -> Self {
+        Self { table, forwarder }
+    }
+
+    /// Fetches the addresses of an alias target from upstream, so that stub resolvers, which do
+    /// not chase CNAMEs themselves, get the whole chain in one answer.
+    async fn chase(&self, answer: &mut LocalAnswer, target: &Name, qtype: RecordType) {
+        let mut msg = Message::query();
+        msg.metadata.id = rand::random();
+        msg.metadata.recursion_desired = true;
+        msg.add_query(Query::query(target.clone(), qtype));
+        let mut edns = Edns::new();
+        edns.set_max_payload(CHASE_UDP_PAYLOAD);
+        msg.set_edns(edns);
+        let reply = match msg.to_vec() {
+            Ok(bytes) => self.forwarder.forward(&bytes, Transport::Udp).await,
+            Err(error) => {
+                warn!(%error, "cannot encode alias chase query");
+                answer.rcode = ResponseCode::ServFail;
+                return;
+            }
+        };
+        match reply {
+            Ok(reply) => {
+                answer.answers.extend(reply.answers);
+                // The alias exists; whether its target does is the upstream's to say.
+                answer.rcode = reply.metadata.response_code;
+                if answer.rcode != ResponseCode::NoError {
+                    answer.soa = None;
+                }
+            }
+            Err(error) => {
+                debug!(%target, %error, "alias target did not resolve upstream");
+                answer.rcode = ResponseCode::ServFail;
+            }
+        }
+    }
+}
+
+/// The EDNS section of a response: present when the query had one, sized to what the client
+/// can take (the encoder truncates UDP answers to `max_payload` and sets TC).
+fn response_edns(request: &Request, upstream: Option<&Edns>) -> Option<Edns> {
+    let client = request.edns.as_ref()?;
+    let mut edns = upstream.cloned().unwrap_or_default();
+    edns.set_max_payload(client.max_payload().max(MIN_UDP_PAYLOAD));
+    if upstream.is_none() {
+        edns.set_dnssec_ok(client.flags().dnssec_ok);
+    }
+    Some(edns)
+}
+
+fn transport(protocol: Protocol) -> Transport {
+    match protocol {
+        Protocol::Udp => Transport::Udp,
+        _ => Transport::Tcp,
+    }
+}
+
+fn failed(request: &Request, rcode: ResponseCode) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = rcode;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+#[async_trait::async_trait]
+impl<F: Forward> RequestHandler for DnsHandler<F> {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let edns = response_edns(request, None);
+        let send_error = |rcode| {
+            let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+            let mut response = builder.error_msg(&request.metadata, rcode);
+            response.metadata_mut().recursion_available = true;
+            response
+        };
+
+        if request.metadata.op_code != OpCode::Query {
+            return send(&mut response_handle, send_error(ResponseCode::NotImp), request).await;
+        }
+        let [query] = request.queries.queries() else {
+            return send(&mut response_handle, send_error(ResponseCode::FormErr), request).await;
+        };
+        let qname = query.original().name();
+        let qtype = query.query_type();
+
+        let resolution = if query.query_class() == DNSClass::IN {
+            lookup::resolve(&self.table.load(), qname, qtype)
+        } else {
+            Resolution::Forward
+        };
+
+        match resolution {
+            Resolution::Local(mut answer) => {
+                if let Some(target) = answer.chase.take() {
+                    self.chase(&mut answer, &target, qtype).await;
+                }
+                lookup::shuffle_addresses(&mut answer.answers, &mut rand::rng());
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.authoritative = true;
+                metadata.recursion_available = true;
+                metadata.response_code = answer.rcode;
+                let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+                let none: &[Record] = &[];
+                let response = builder.build(
+                    metadata,
+                    answer.answers.iter(),
+                    none.iter(),
+                    answer.soa.iter(),
+                    none.iter(),
+                );
+                debug!(client = %request.src(), name = %qname, %qtype, outcome = answer.rule.as_str(), rcode = %answer.rcode, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                send(&mut response_handle, response, request).await
+            }
+            Resolution::Forward => match self
+                .forwarder
+                .forward(request.as_slice(), transport(request.protocol()))
+                .await
+            {
+                Ok(reply) => {
+                    let mut metadata = reply.metadata;
+                    metadata.id = request.metadata.id;
+                    let edns = response_edns(request, reply.edns.as_ref());
+                    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+                    let response = builder.build(
+                        metadata,
+                        reply.answers.iter(),
+                        reply.authorities.iter(),
+                        std::iter::empty(),
+                        reply.additionals.iter(),
+                    );
+                    debug!(client = %request.src(), name = %qname, %qtype, outcome = "forwarded", rcode = %metadata.response_code, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                    send(&mut response_handle, response, request).await
+                }
+                Err(error) => {
+                    debug!(client = %request.src(), name = %qname, %qtype, outcome = "error", %error, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                    send(&mut response_handle, send_error(ResponseCode::ServFail), request).await
+                }
+            },
+        }
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    handle: &mut R,
+    response: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    request: &Request,
+) -> ResponseInfo {
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(error) => {
+            debug!(client = %request.src(), %error, "cannot send response");
+            failed(request, ResponseCode::ServFail)
+        }
+    }
+}

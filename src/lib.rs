@@ -1,0 +1,16 @@
+//! meshdns: a per-pod DNS proxy that answers the Services of every cluster in a multicluster
+//! mesh from an in-memory table and forwards everything else to the pod's own resolvers.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod handler;
+pub mod hub;
+pub mod lookup;
+pub mod resolv;
+pub mod server;
+pub mod source;
+pub mod table;
+pub mod upstream;

@@ -1,0 +1,332 @@
+//! The answer rules: given a table snapshot and a question, decide what meshdns answers or
+//! that the question goes upstream. Pure functions over [`Table`], no I/O, so every rule is
+//! testable without sockets.
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::table::{Entry, EntryData, Table};
+
+/// Which rule produced a local answer; used for logs and metrics labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// The name is in the table.
+    Table,
+    /// The name is a table name with one of the pod's search domains appended.
+    SearchShortcut,
+    /// The name is an empty non-terminal of the table, or a table name asked for a type it
+    /// does not hold.
+    NoData,
+    /// Below `svc.<zone>`, every cluster loaded, and no table name or shortcut matches.
+    NxDomain,
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Table => "local",
+            Self::SearchShortcut => "search_shortcut",
+            Self::NoData => "local_nodata",
+            Self::NxDomain => "local_nxdomain",
+        }
+    }
+}
+
+/// An answer meshdns gives itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalAnswer {
+    pub rule: Rule,
+    pub rcode: ResponseCode,
+    pub answers: Vec<Record>,
+    /// The zone's SOA for the authority section of negative answers (RFC 2308).
+    pub soa: Option<Record>,
+    /// The answer ends in a CNAME to a name the table does not hold; its addresses of the
+    /// asked type must come from upstream so that stub resolvers get them in one answer.
+    pub chase: Option<Name>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Local(Box<LocalAnswer>),
+    Forward,
+}
+
+/// Decides the answer for `qname` (as the client spelled it, which the answer keeps) and `qtype`.
+pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
+    if let Some(entry) = table.get(qname) {
+        return answer_entry(table, qname, entry, qtype, Vec::new(), Rule::Table);
+    }
+    if !table.cluster_domain().zone_of(qname) {
+        return Resolution::Forward;
+    }
+    if let Some((canonical, entry)) = search_shortcut(table, qname) {
+        let alias = record(qname.clone(), table.ttl(), RData::CNAME(CNAME(canonical.clone())));
+        if qtype == RecordType::CNAME {
+            return local(Rule::SearchShortcut, ResponseCode::NoError, vec![alias], None, None);
+        }
+        return answer_entry(table, &canonical, entry, qtype, vec![alias], Rule::SearchShortcut);
+    }
+    if !table.svc_zone().zone_of(qname) {
+        // Other names of the cluster domain (pods, the apex) belong to the cluster's DNS.
+        return Resolution::Forward;
+    }
+    if table.is_empty_non_terminal(qname) {
+        return local(
+            Rule::NoData,
+            ResponseCode::NoError,
+            Vec::new(),
+            Some(table.soa().clone()),
+            None,
+        );
+    }
+    if below_delegated(table, qname) || !table.all_loaded() {
+        return Resolution::Forward;
+    }
+    local(
+        Rule::NxDomain,
+        ResponseCode::NXDomain,
+        Vec::new(),
+        Some(table.soa().clone()),
+        None,
+    )
+}
+
+/// The table name that the client's search walk would reach next, if `qname` is a table name
+/// with an in-zone search domain appended: the later search domains in order, then the name
+/// as an absolute one (what glibc and musl try after the search list).
+fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entry)> {
+    let labels = usize::from(qname.num_labels());
+    for (i, domain) in table.search().iter().enumerate() {
+        let dl = usize::from(domain.num_labels());
+        if labels <= dl || !domain.zone_of(qname) {
+            continue;
+        }
+        let Ok(relative) = Name::from_labels(qname.iter().take(labels - dl)) else {
+            continue;
+        };
+        let later = table.search()[i + 1..]
+            .iter()
+            .filter_map(|d| relative.clone().append_domain(d).ok());
+        let absolute = {
+            let mut n = relative.clone();
+            n.set_fqdn(true);
+            n
+        };
+        for candidate in later.chain(std::iter::once(absolute)) {
+            if let Some(entry) = table.get(&candidate) {
+                // Delegated names are answered by the cluster's DNS; a shortcut would hide them.
+                if entry.data != EntryData::Delegated {
+                    return Some((candidate.to_lowercase(), entry));
+                }
+            }
+        }
+    }
+    None
+}
+
+fn below_delegated(table: &Table, qname: &Name) -> bool {
+    let mut parent = qname.base_name();
+    while table.svc_zone().zone_of(&parent) && parent != *table.svc_zone() {
+        if table.get(&parent).is_some_and(|e| e.data == EntryData::Delegated) {
+            return true;
+        }
+        parent = parent.base_name();
+    }
+    false
+}
+
+fn answer_entry(
+    table: &Table,
+    owner: &Name,
+    entry: &Entry,
+    qtype: RecordType,
+    mut answers: Vec<Record>,
+    rule: Rule,
+) -> Resolution {
+    let ttl = table.ttl();
+    match &entry.data {
+        EntryData::Delegated => Resolution::Forward,
+        EntryData::Alias(target) => {
+            answers.push(record(owner.clone(), ttl, RData::CNAME(CNAME(target.clone()))));
+            let chase = matches!(qtype, RecordType::A | RecordType::AAAA).then(|| target.clone());
+            local(rule, ResponseCode::NoError, answers, None, chase)
+        }
+        EntryData::Addresses { v4, v6 } => {
+            let want_v4 = matches!(qtype, RecordType::A | RecordType::ANY);
+            let want_v6 = matches!(qtype, RecordType::AAAA | RecordType::ANY);
+            let before = answers.len();
+            if want_v4 {
+                answers.extend(v4.iter().map(|ip| record(owner.clone(), ttl, RData::A(A(*ip)))));
+            }
+            if want_v6 {
+                answers.extend(v6.iter().map(|ip| record(owner.clone(), ttl, RData::AAAA(AAAA(*ip)))));
+            }
+            if answers.len() == before {
+                // NODATA, never NXDOMAIN: musl drops a name when either family is NXDOMAIN.
+                let rule = if rule == Rule::Table { Rule::NoData } else { rule };
+                return local(rule, ResponseCode::NoError, answers, Some(table.soa().clone()), None);
+            }
+            local(rule, ResponseCode::NoError, answers, None, None)
+        }
+    }
+}
+
+fn local(
+    rule: Rule,
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    soa: Option<Record>,
+    chase: Option<Name>,
+) -> Resolution {
+    Resolution::Local(Box::new(LocalAnswer {
+        rule,
+        rcode,
+        answers,
+        soa,
+        chase,
+    }))
+}
+
+fn record(name: Name, ttl: u32, rdata: RData) -> Record {
+    Record::from_rdata(name, ttl, rdata)
+}
+
+/// Shuffles the address records of an answer (they follow any CNAMEs), so clients that take
+/// the first address spread over all of them.
+pub fn shuffle_addresses<R: Rng + ?Sized>(answers: &mut [Record], rng: &mut R) {
+    let first = answers
+        .iter()
+        .position(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA))
+        .unwrap_or(answers.len());
+    answers[first..].shuffle(rng);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ClusterState, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort};
+    use crate::table::{ClusterInput, TableSettings, fqdn};
+
+    fn svc(kind: ServiceKind) -> Service {
+        Service {
+            kind,
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                protocol: PortProtocol::Tcp,
+            }],
+            publish_not_ready: false,
+        }
+    }
+
+    fn table(loaded: bool, search: &[&str]) -> Table {
+        let mut local = ClusterState::default();
+        let ip = |s: &str| s.parse().unwrap();
+        local.services.insert(
+            ObjectKey::new("a", "web"),
+            svc(ServiceKind::ClusterIp(vec![ip("10.0.0.1")])),
+        );
+        local.services.insert(
+            ObjectKey::new("b", "web"),
+            svc(ServiceKind::ClusterIp(vec![ip("10.0.0.2")])),
+        );
+        local
+            .services
+            .insert(ObjectKey::new("a", "db"), svc(ServiceKind::Headless));
+        let settings = TableSettings {
+            cluster_domain: "cluster.local".into(),
+            ttl: 30,
+            negative_ttl: 5,
+            search: search.iter().map(ToString::to_string).collect(),
+        };
+        let inputs = [ClusterInput {
+            name: "c1",
+            local: true,
+            state: &local,
+            loaded,
+            gateway_override: None,
+        }];
+        Table::build(&settings, &inputs, 1).0
+    }
+
+    fn first_answer(res: &Resolution) -> Option<String> {
+        match res {
+            Resolution::Local(a) => a.answers.last().map(|r| r.data.to_string()),
+            Resolution::Forward => None,
+        }
+    }
+
+    #[test]
+    fn unknown_names_are_forwarded_until_every_cluster_loaded() {
+        let name = fqdn("nope.a.svc.cluster.local").unwrap();
+        assert_eq!(resolve(&table(false, &[]), &name, RecordType::A), Resolution::Forward);
+        let Resolution::Local(answer) = resolve(&table(true, &[]), &name, RecordType::A) else {
+            panic!()
+        };
+        assert_eq!(answer.rule, Rule::NxDomain);
+        // Known names answer even before everything loaded.
+        let known = fqdn("web.a.svc.cluster.local").unwrap();
+        assert_eq!(
+            first_answer(&resolve(&table(false, &[]), &known, RecordType::A)).as_deref(),
+            Some("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn delegated_names_and_names_below_them_are_forwarded() {
+        let t = table(true, &["a.svc.cluster.local"]);
+        for name in [
+            "db.a.svc.cluster.local",
+            "db-0.db.a.svc.cluster.local",
+            "x.y.db.a.svc.cluster.local",
+        ] {
+            assert_eq!(
+                resolve(&t, &fqdn(name).unwrap(), RecordType::A),
+                Resolution::Forward,
+                "{name}"
+            );
+        }
+        // A shortcut never points at a delegated name: the cluster's DNS walks those itself.
+        let short = fqdn("db.a.a.svc.cluster.local").unwrap();
+        assert!(matches!(resolve(&t, &short, RecordType::A), Resolution::Local(a) if a.rule == Rule::NxDomain));
+    }
+
+    #[test]
+    fn shortcut_follows_the_search_order_after_the_matched_domain() {
+        // From namespace b, `web.a` walks web.a.b.svc..., web.a.svc..., so web.a.b.svc... is
+        // answered with web.a.svc..., not with the pod's own namespace's web.
+        let t = table(true, &["b.svc.cluster.local", "svc.cluster.local", "cluster.local"]);
+        let res = resolve(&t, &fqdn("web.a.b.svc.cluster.local").unwrap(), RecordType::A);
+        assert_eq!(first_answer(&res).as_deref(), Some("10.0.0.1"));
+        // `web` alone from namespace b is web.b.svc..., an exact name, not a shortcut.
+        let res = resolve(&t, &fqdn("web.b.svc.cluster.local").unwrap(), RecordType::A);
+        assert!(matches!(&res, Resolution::Local(a) if a.rule == Rule::Table));
+        // Only domains after the matched one are tried: web.svc.cluster.local + b... is not
+        // rewritten into an earlier domain.
+        let res = resolve(&t, &fqdn("web.svc.cluster.local").unwrap(), RecordType::A);
+        assert!(
+            matches!(&res, Resolution::Local(a) if a.rule == Rule::NxDomain),
+            "{res:?}"
+        );
+    }
+
+    #[test]
+    fn names_outside_the_cluster_domain_are_forwarded() {
+        let t = table(true, &[]);
+        for name in [
+            "example.com",
+            "cluster.local.example.com",
+            "local",
+            "web.a.svc.cluster.localhost",
+        ] {
+            assert_eq!(
+                resolve(&t, &fqdn(name).unwrap(), RecordType::A),
+                Resolution::Forward,
+                "{name}"
+            );
+        }
+    }
+}

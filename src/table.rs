@@ -1,0 +1,518 @@
+//! The name table: every name meshdns answers itself, built from all clusters' states into an
+//! immutable value. A new table is built on every change and published whole (see
+//! [`crate::hub`]), so a query reads one consistent snapshot and never waits for a rebuild.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use hickory_proto::rr::rdata::SOA;
+use hickory_proto::rr::{Name, RData, Record};
+
+use crate::cluster::{ClusterState, Ingress, ObjectKey, ServiceKind};
+
+/// SOA timers other than the minimum; resolvers only use the minimum for negative caching,
+/// but the values must be sane for tools that print them. They follow CoreDNS's defaults.
+const SOA_REFRESH: i32 = 7200;
+const SOA_RETRY: i32 = 1800;
+const SOA_EXPIRE: i32 = 86_400;
+
+/// What the table answers for one name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryData {
+    /// Addresses per family; an empty family is answered NODATA.
+    Addresses { v4: Vec<Ipv4Addr>, v6: Vec<Ipv6Addr> },
+    /// The name is an alias (CNAME) of another name outside the table, e.g. a gateway whose
+    /// load balancer is given as a host name.
+    Alias(Name),
+    /// The name exists in the local cluster but meshdns does not hold its records (headless and
+    /// ExternalName services until they are modelled): queries go to the cluster's own DNS,
+    /// and nothing below it is denied locally.
+    Delegated,
+}
+
+/// Why a name is in the table, for logs and debugging.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The Service exists in the local cluster.
+    Local { cluster: Arc<str> },
+    /// The Service exists only in these remote clusters; answered with their gateways.
+    Remote { clusters: Vec<Arc<str>> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub data: EntryData,
+    pub origin: Origin,
+}
+
+/// Settings that shape the table but do not come from the clusters.
+#[derive(Clone, Debug)]
+pub struct TableSettings {
+    /// Lowercase, no trailing dot.
+    pub cluster_domain: String,
+    pub ttl: u32,
+    pub negative_ttl: u32,
+    /// The pod's search domains in resolv.conf order; only those inside the cluster domain
+    /// are used for short forms.
+    pub search: Vec<String>,
+}
+
+/// One cluster as the builder sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterInput<'a> {
+    pub name: &'a str,
+    pub local: bool,
+    pub state: &'a ClusterState,
+    /// Whether the cluster's first full state has arrived.
+    pub loaded: bool,
+    /// Static gateway addresses from the config, replacing what the cluster reports.
+    pub gateway_override: Option<&'a [Ingress]>,
+}
+
+/// An immutable snapshot of every name meshdns answers.
+#[derive(Debug)]
+pub struct Table {
+    entries: HashMap<Name, Entry>,
+    /// Names that exist only because table names lie below them (`<ns>.svc.<zone>`,
+    /// `svc.<zone>`): they have no records but must not be denied (RFC 8020).
+    empty_non_terminals: HashSet<Name>,
+    cluster_domain: Name,
+    svc_zone: Name,
+    search: Vec<Name>,
+    all_loaded: bool,
+    ttl: u32,
+    soa: Record,
+    generation: u64,
+}
+
+/// What a build noticed that an operator should hear about.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BuildReport {
+    /// Remote clusters with services but no known gateway address: they contribute nothing.
+    pub clusters_without_gateway: BTreeSet<String>,
+    /// Services whose names are not valid DNS names and were left out.
+    pub skipped: Vec<String>,
+}
+
+impl Table {
+    /// A table that knows no cluster yet: every name is forwarded.
+    pub fn empty(settings: &TableSettings) -> Self {
+        Self::build(settings, &[], 0).0
+    }
+
+    pub fn build(settings: &TableSettings, clusters: &[ClusterInput<'_>], generation: u64) -> (Self, BuildReport) {
+        let mut report = BuildReport::default();
+        let cluster_domain = fqdn(&settings.cluster_domain).unwrap_or_else(Name::root);
+        let svc_zone = Name::from_ascii("svc")
+            .ok()
+            .and_then(|svc| svc.append_domain(&cluster_domain).ok())
+            .unwrap_or_else(|| cluster_domain.clone());
+
+        let mut entries: HashMap<Name, Entry> = HashMap::new();
+        let mut insert = |key: &ObjectKey, entry: Entry, report: &mut BuildReport| match service_name(key, &svc_zone) {
+            Some(name) => {
+                entries.insert(name, entry);
+            }
+            None => report.skipped.push(key.to_string()),
+        };
+
+        // Local services win over remote copies, so they go first and remotes fill the gaps.
+        let mut local_keys: HashSet<&ObjectKey> = HashSet::new();
+        for cluster in clusters.iter().filter(|c| c.local) {
+            let origin = Origin::Local {
+                cluster: Arc::from(cluster.name),
+            };
+            for (key, svc) in &cluster.state.services {
+                local_keys.insert(key);
+                let data = match &svc.kind {
+                    ServiceKind::ClusterIp(ips) => addresses(ips.iter().copied()),
+                    ServiceKind::Headless | ServiceKind::ExternalName(_) => EntryData::Delegated,
+                };
+                insert(
+                    key,
+                    Entry {
+                        data,
+                        origin: origin.clone(),
+                    },
+                    &mut report,
+                );
+            }
+        }
+
+        // Remote-only services: which clusters have each one, then those clusters' gateways.
+        let mut remote: BTreeMap<&ObjectKey, Vec<usize>> = BTreeMap::new();
+        for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| !c.local) {
+            for (key, svc) in &cluster.state.services {
+                // An ExternalName alias is resolved by each cluster's DNS; the gateway does not
+                // route to it, so a remote one makes nothing reachable.
+                if matches!(svc.kind, ServiceKind::ExternalName(_)) || local_keys.contains(key) {
+                    continue;
+                }
+                remote.entry(key).or_default().push(i);
+            }
+        }
+        let gateways: Vec<Vec<Ingress>> = clusters
+            .iter()
+            .map(|c| match c.gateway_override {
+                Some(addrs) => addrs.to_vec(),
+                None => c.state.gateway_addresses(),
+            })
+            .collect();
+        for (key, holders) in remote {
+            let mut ips = Vec::new();
+            let mut hosts = Vec::new();
+            let mut serving = Vec::new();
+            for &i in &holders {
+                if gateways[i].is_empty() {
+                    report.clusters_without_gateway.insert(clusters[i].name.to_string());
+                    continue;
+                }
+                serving.push(Arc::from(clusters[i].name));
+                for ingress in &gateways[i] {
+                    match ingress {
+                        Ingress::Ip(ip) => ips.push(*ip),
+                        Ingress::Hostname(h) => hosts.push(h.as_str()),
+                    }
+                }
+            }
+            if serving.is_empty() {
+                continue;
+            }
+            // A name cannot hold both a CNAME and addresses: addresses win, and among host
+            // names the first in sort order, so every pod answers the same.
+            let data = if !ips.is_empty() {
+                addresses(ips.into_iter())
+            } else {
+                hosts.sort_unstable();
+                match hosts.first().and_then(|h| fqdn(h)) {
+                    Some(target) => EntryData::Alias(target),
+                    None => continue,
+                }
+            };
+            insert(
+                key,
+                Entry {
+                    data,
+                    origin: Origin::Remote { clusters: serving },
+                },
+                &mut report,
+            );
+        }
+
+        let mut empty_non_terminals = HashSet::new();
+        for name in entries.keys() {
+            let mut parent = name.base_name();
+            while svc_zone.zone_of(&parent) {
+                if !entries.contains_key(&parent) && !empty_non_terminals.insert(parent.clone()) {
+                    break;
+                }
+                parent = parent.base_name();
+            }
+        }
+
+        let search = settings
+            .search
+            .iter()
+            .filter_map(|s| fqdn(s))
+            .filter(|s| cluster_domain.zone_of(s))
+            .collect();
+        let soa = soa_record(&cluster_domain, settings.negative_ttl, generation);
+        let all_loaded = !clusters.is_empty() && clusters.iter().all(|c| c.loaded);
+        let table = Self {
+            entries,
+            empty_non_terminals,
+            cluster_domain,
+            svc_zone,
+            search,
+            all_loaded,
+            ttl: settings.ttl,
+            soa,
+            generation,
+        };
+        (table, report)
+    }
+
+    pub fn get(&self, name: &Name) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    pub fn is_empty_non_terminal(&self, name: &Name) -> bool {
+        self.empty_non_terminals.contains(name)
+    }
+
+    pub fn cluster_domain(&self) -> &Name {
+        &self.cluster_domain
+    }
+
+    /// `svc.<cluster domain>.`: below it, a name the table does not know does not exist.
+    pub fn svc_zone(&self) -> &Name {
+        &self.svc_zone
+    }
+
+    /// Search domains inside the cluster domain, in resolv.conf order.
+    pub fn search(&self) -> &[Name] {
+        &self.search
+    }
+
+    /// Whether every configured cluster has delivered its first full state; until then a
+    /// missing name may just not have arrived yet, so it is not denied.
+    pub fn all_loaded(&self) -> bool {
+        self.all_loaded
+    }
+
+    pub fn ttl(&self) -> u32 {
+        self.ttl
+    }
+
+    pub fn soa(&self) -> &Record {
+        &self.soa
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Name, &Entry)> {
+        self.entries.iter()
+    }
+}
+
+fn addresses(ips: impl Iterator<Item = IpAddr>) -> EntryData {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(a) if !v4.contains(&a) => v4.push(a),
+            IpAddr::V6(a) if !v6.contains(&a) => v6.push(a),
+            _ => {}
+        }
+    }
+    EntryData::Addresses { v4, v6 }
+}
+
+/// A lowercase FQDN from text, or `None` if it is not a valid name.
+pub fn fqdn(s: &str) -> Option<Name> {
+    let mut name = Name::from_ascii(s.trim_end_matches('.')).ok()?.to_lowercase();
+    name.set_fqdn(true);
+    Some(name)
+}
+
+fn service_name(key: &ObjectKey, svc_zone: &Name) -> Option<Name> {
+    Name::from_labels([key.name.as_bytes(), key.namespace.as_bytes()])
+        .ok()?
+        .append_domain(svc_zone)
+        .ok()
+        .map(|n| n.to_lowercase())
+}
+
+fn soa_record(zone: &Name, negative_ttl: u32, generation: u64) -> Record {
+    let mname = Name::from_ascii("ns.dns")
+        .ok()
+        .and_then(|n| n.append_domain(zone).ok())
+        .unwrap_or_else(|| zone.clone());
+    let rname = Name::from_ascii("hostmaster")
+        .ok()
+        .and_then(|n| n.append_domain(zone).ok())
+        .unwrap_or_else(|| zone.clone());
+    // The serial changes with every rebuild so secondary tooling can see the table moved.
+    let serial = u32::try_from(generation % u64::from(u32::MAX)).unwrap_or(0);
+    let soa = SOA::new(mname, rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, negative_ttl);
+    // RFC 2308: the negative TTL is the lesser of the SOA's TTL and its minimum.
+    Record::from_rdata(zone.clone(), negative_ttl, RData::SOA(soa))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Service, ServicePort};
+
+    pub(crate) fn svc(ips: &[&str]) -> Service {
+        Service {
+            kind: ServiceKind::ClusterIp(ips.iter().map(|s| s.parse().unwrap()).collect()),
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: crate::cluster::PortProtocol::Tcp,
+            }],
+            publish_not_ready: false,
+        }
+    }
+
+    fn settings() -> TableSettings {
+        TableSettings {
+            cluster_domain: "cluster.local".into(),
+            ttl: 30,
+            negative_ttl: 5,
+            search: vec![
+                "sleep.svc.cluster.local".into(),
+                "svc.cluster.local".into(),
+                "cluster.local".into(),
+                "corp.example".into(),
+            ],
+        }
+    }
+
+    #[test]
+    fn local_wins_remote_fills_gaps_and_ents_exist() {
+        let mut local = ClusterState::default();
+        local
+            .services
+            .insert(ObjectKey::new("helloworld", "helloworld"), svc(&["10.96.120.15"]));
+        let mut remote = ClusterState::default();
+        remote
+            .services
+            .insert(ObjectKey::new("helloworld", "helloworld"), svc(&["10.112.4.20"]));
+        remote
+            .services
+            .insert(ObjectKey::new("sample", "httpbin"), svc(&["10.112.30.2"]));
+        remote.gateways.insert(
+            ObjectKey::new("istio-system", "gw"),
+            vec![Ingress::Ip("34.136.67.85".parse().unwrap())],
+        );
+        let inputs = [
+            ClusterInput {
+                name: "c1",
+                local: true,
+                state: &local,
+                loaded: true,
+                gateway_override: None,
+            },
+            ClusterInput {
+                name: "c2",
+                local: false,
+                state: &remote,
+                loaded: true,
+                gateway_override: None,
+            },
+        ];
+        let (table, report) = Table::build(&settings(), &inputs, 7);
+        assert_eq!(report, BuildReport::default());
+        let hw = table
+            .get(&fqdn("HelloWorld.helloworld.svc.cluster.local").unwrap())
+            .unwrap();
+        assert_eq!(
+            hw.data,
+            EntryData::Addresses {
+                v4: vec!["10.96.120.15".parse().unwrap()],
+                v6: vec![]
+            }
+        );
+        let hb = table.get(&fqdn("httpbin.sample.svc.cluster.local").unwrap()).unwrap();
+        assert_eq!(
+            hb.data,
+            EntryData::Addresses {
+                v4: vec!["34.136.67.85".parse().unwrap()],
+                v6: vec![]
+            }
+        );
+        assert!(matches!(&hb.origin, Origin::Remote { clusters } if clusters.len() == 1));
+        assert!(table.is_empty_non_terminal(&fqdn("sample.svc.cluster.local").unwrap()));
+        assert!(table.is_empty_non_terminal(&fqdn("svc.cluster.local").unwrap()));
+        assert!(!table.is_empty_non_terminal(&fqdn("cluster.local").unwrap()));
+        assert_eq!(table.search().len(), 3, "corp.example is outside the cluster domain");
+        assert!(table.all_loaded());
+        assert_eq!(table.generation(), 7);
+    }
+
+    #[test]
+    fn gateways_merge_dedup_and_missing_gateways_are_reported() {
+        let key = ObjectKey::new("ns", "api");
+        let mk = |gw: Vec<Ingress>| {
+            let mut s = ClusterState::default();
+            s.services.insert(key.clone(), svc(&["10.0.0.1"]));
+            if !gw.is_empty() {
+                s.gateways.insert(ObjectKey::new("istio-system", "gw"), gw);
+            }
+            s
+        };
+        let ip = |s: &str| Ingress::Ip(s.parse().unwrap());
+        let local = ClusterState::default();
+        let c2 = mk(vec![ip("1.1.1.1"), ip("2001:db8::1")]);
+        let c3 = mk(vec![ip("1.1.1.1"), ip("2.2.2.2")]);
+        let c4 = mk(vec![]);
+        let c5 = mk(vec![Ingress::Hostname("lb.example.com".into())]);
+        let input = |name, state, over| ClusterInput {
+            name,
+            local: false,
+            state,
+            loaded: true,
+            gateway_override: over,
+        };
+        let over = [ip("9.9.9.9")];
+        let inputs = [
+            ClusterInput {
+                name: "c1",
+                local: true,
+                state: &local,
+                loaded: true,
+                gateway_override: None,
+            },
+            input("c2", &c2, None),
+            input("c3", &c3, None),
+            input("c4", &c4, None),
+            input("c5", &c5, None),
+        ];
+        let (table, report) = Table::build(&settings(), &inputs, 1);
+        let name = fqdn("api.ns.svc.cluster.local").unwrap();
+        let EntryData::Addresses { v4, v6 } = &table.get(&name).unwrap().data else {
+            panic!()
+        };
+        assert_eq!(v4.len(), 2, "each address once: {v4:?}");
+        assert_eq!(v6.len(), 1);
+        assert_eq!(report.clusters_without_gateway, BTreeSet::from(["c4".to_string()]));
+
+        // Host-name gateways alone give an alias; a static override replaces the reported one.
+        let inputs = [inputs[0], input("c5", &c5, None)];
+        let (table, _) = Table::build(&settings(), &inputs, 2);
+        assert_eq!(
+            table.get(&name).unwrap().data,
+            EntryData::Alias(fqdn("lb.example.com").unwrap())
+        );
+        let inputs = [inputs[0], input("c4", &c4, Some(&over))];
+        let (table, report) = Table::build(&settings(), &inputs, 3);
+        assert!(report.clusters_without_gateway.is_empty());
+        assert_eq!(
+            table.get(&name).unwrap().data,
+            EntryData::Addresses {
+                v4: vec!["9.9.9.9".parse().unwrap()],
+                v6: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn remote_without_any_gateway_is_not_in_table() {
+        let local = ClusterState::default();
+        let mut remote = ClusterState::default();
+        remote.services.insert(ObjectKey::new("ns", "only"), svc(&["10.0.0.1"]));
+        let inputs = [
+            ClusterInput {
+                name: "c1",
+                local: true,
+                state: &local,
+                loaded: true,
+                gateway_override: None,
+            },
+            ClusterInput {
+                name: "c2",
+                local: false,
+                state: &remote,
+                loaded: false,
+                gateway_override: None,
+            },
+        ];
+        let (table, report) = Table::build(&settings(), &inputs, 1);
+        assert!(table.is_empty());
+        assert!(!table.all_loaded());
+        assert_eq!(report.clusters_without_gateway.len(), 1);
+    }
+}

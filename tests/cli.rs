@@ -1,0 +1,172 @@
+//! The built binary, driven the way an operator drives it: exit codes and messages for bad
+//! configs, and `dig` against `meshdns demo`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::upstream::{Behavior, FakeUpstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshdns");
+/// How long the binary may take to bind and say where it listens.
+const START_WAIT: Duration = Duration::from_secs(10);
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().expect("run meshdns");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_errors_exit_2_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("c1.yaml");
+    std::fs::write(&dump, "apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "unknown key",
+            "clusters: [{name: c1, local: true, objects: c1.yaml}]\nlistne: []\n",
+            "listne",
+        ),
+        (
+            "no local cluster",
+            "clusters: [{name: c1, objects: c1.yaml}]\n",
+            "local: true",
+        ),
+        (
+            "two local clusters",
+            "clusters: [{name: c1, local: true, objects: c1.yaml}, {name: c2, local: true, objects: c1.yaml}]\n",
+            "local: true",
+        ),
+        (
+            "missing dump",
+            "clusters: [{name: c1, local: true, objects: missing.yaml}]\n",
+            "missing.yaml",
+        ),
+        (
+            "broken dump",
+            "clusters: [{name: c1, local: true, objects: broken.yaml}]\n",
+            "broken.yaml",
+        ),
+    ];
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        "kind: List\nitems: [{kind: Service, metadata: {name: x}, spec: {clusterIP: not-an-ip}}]\n",
+    )
+    .unwrap();
+    for (name, yaml, want) in cases {
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        // Port 1 on loopback would need root to bind; the error must come before any bind.
+        let (code, stderr) = run(&[
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--upstream",
+            "127.0.0.1:5300",
+        ]);
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert!(stderr.contains(want), "{name}: {stderr:?} lacks {want:?}");
+        assert!(!stderr.contains("listening"), "{name}: bound before failing: {stderr}");
+    }
+    let (code, stderr) = run(&["serve", "--config", "/nonexistent/meshdns.yaml"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/meshdns.yaml"), "{stderr}");
+}
+
+#[test]
+fn a_taken_port_exits_1() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run(&["demo", "--listen", &addr, "--upstream", "127.0.0.1:5300"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+}
+
+/// `meshdns demo` on 127.0.0.1:0; returns the child and the address it reported.
+fn start_demo(upstream: SocketAddr) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--upstream", &upstream.to_string()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next());
+            if let Some(Ok(addr)) = addr.map(str::parse::<SocketAddr>) {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx.recv_timeout(START_WAIT).expect("demo reported its address");
+    (child, addr)
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dig(addr: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", addr.ip()))
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(["+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("run dig");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_against_the_demo() {
+    if !Path::new("/usr/bin/dig").exists() {
+        // CI installs bind9-dnsutils; a developer machine without dig should say so, loudly.
+        panic!("dig is not installed: apt-get install bind9-dnsutils (the CI script does)");
+    }
+    let upstream = FakeUpstream::start(
+        vec![("www.example.test", "192.0.2.10".parse().unwrap())],
+        Behavior::Normal,
+    )
+    .await;
+    let (child, addr) = start_demo(upstream.addr);
+    let _guard = Killed(child);
+    let started = Instant::now();
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["+short", "helloworld.helloworld.svc.cluster.local"], "10.96.120.15\n"),
+        (
+            &["+short", "+tcp", "helloworld.helloworld.svc.cluster.local"],
+            "10.96.120.15\n",
+        ),
+        (&["+short", "httpbin.sample.svc.cluster.local"], "34.136.67.85\n"),
+        (&["+short", "www.example.test"], "192.0.2.10\n"),
+        (&["+short", "AAAA", "helloworld.helloworld.svc.cluster.local"], ""),
+    ];
+    for (args, want) in cases {
+        let got = tokio::task::block_in_place(|| dig(addr, args));
+        assert_eq!(&got, want, "dig {args:?}");
+    }
+    let full = tokio::task::block_in_place(|| dig(addr, &["nothere.helloworld.svc.cluster.local"]));
+    assert!(full.contains("status: NXDOMAIN"), "{full}");
+    assert!(full.contains("flags: qr aa rd ra"), "{full}");
+    assert!(full.contains("SOA"), "{full}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

@@ -1,0 +1,7 @@
+//! Shared helpers for the integration tests. Each test binary uses a
+//! different subset, hence the blanket `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod dns;
+pub mod proxy;
+pub mod upstream;
