@@ -4,23 +4,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use thiserror::Error;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{ClusterSource as SourceConfig, Config};
+use crate::config::{ClusterConfig, ClusterSource as SourceConfig, Config};
 use crate::handler::DnsHandler;
-use crate::hub::Hub;
+use crate::hub::{ClusterMeta, Hub};
 use crate::resolv::{ResolvConf, ResolvConfError};
 use crate::server::{DnsServer, ServerError};
+use crate::source::kubeconfig::{KubeconfigError, client_from_kubeconfig, in_cluster_client, parse_kubeconfig, read_kubeconfig};
+use crate::source::live::KubeSource;
+use crate::source::secrets::RemoteSecrets;
 use crate::source::{ClusterSource, DumpError, DumpSource, SourceError, StaticSource, parse_dump};
 use crate::table::TableSettings;
 use crate::upstream::{Forwarder, UpstreamConfig};
-
-/// How long start-up waits for every cluster's first state before serving what it has.
-pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -34,6 +33,8 @@ pub enum AppError {
     Source { cluster: String, source: SourceError },
     #[error("cluster {cluster}: embedded dump: {source}")]
     Embedded { cluster: String, source: DumpError },
+    #[error("cluster {cluster}: {source}")]
+    Kubeconfig { cluster: String, source: KubeconfigError },
     #[error(transparent)]
     Bind(#[from] ServerError),
 }
@@ -85,26 +86,17 @@ impl App {
         }
         info!(upstreams = ?upstreams, search = ?resolv.search, "upstreams and search domains");
 
-        let mut sources: Vec<(String, Box<dyn ClusterSource>)> = Vec::new();
+        let mut sources: Vec<(ClusterMeta, Box<dyn ClusterSource>)> = Vec::new();
         for cluster in &config.clusters {
-            let selector = cluster.gateway.selector.clone();
-            let source: Box<dyn ClusterSource> = match &cluster.source {
-                SourceConfig::Objects(path) => {
-                    Box::new(DumpSource::new(path, selector).map_err(|source| AppError::Source {
-                        cluster: cluster.name.clone(),
-                        source,
-                    })?)
-                }
-                SourceConfig::Embedded(text) => {
-                    let state = parse_dump(text.as_bytes(), &selector).map_err(|source| AppError::Embedded {
-                        cluster: cluster.name.clone(),
-                        source,
-                    })?;
-                    Box::new(StaticSource::from_parts(state))
-                }
-            };
+            let source = open_source(cluster).await?;
             info!(cluster = %cluster.name, local = cluster.local, source = %cluster.source, "cluster configured");
-            sources.push((cluster.name.clone(), source));
+            let meta = ClusterMeta {
+                name: cluster.name.clone(),
+                local: cluster.local,
+                gateway_override: cluster.gateway.addresses.clone(),
+                source: cluster.source.to_string(),
+            };
+            sources.push((meta, source));
         }
 
         let settings = TableSettings {
@@ -113,19 +105,22 @@ impl App {
             negative_ttl: config.negative_ttl,
             search: resolv.search.clone(),
         };
-        let hub = Hub::new(settings, &config.clusters);
+        let hub = Hub::new(settings);
         let mut tasks = Vec::new();
-        for (name, source) in sources {
-            if let Some(handle) = hub.handle(&name) {
-                tasks.push(tokio::spawn(source.run(handle)));
-            }
+        for (meta, source) in sources {
+            let handle = hub.add_cluster(meta);
+            tasks.push(tokio::spawn(source.run(handle)));
         }
-        if !hub.wait_loaded(DEFAULT_STARTUP_WAIT).await {
+        if let Some(dir) = &config.remote_secrets_dir {
+            let reserved = config.clusters.iter().map(|c| c.name.clone()).collect();
+            let mut secrets = RemoteSecrets::new(dir, config.local_cluster(), reserved, Arc::clone(&hub));
+            info!(dir = %dir.display(), "watching remote secrets");
+            secrets.scan().await;
+            tasks.push(tokio::spawn(secrets.run()));
+        }
+        if !hub.wait_loaded(config.startup_wait).await {
             let missing: Vec<String> = hub.status().into_iter().filter(|s| !s.loaded).map(|s| s.name).collect();
-            warn!(
-                ?missing,
-                "not every cluster loaded in time; serving what is known and forwarding the rest"
-            );
+            warn!(?missing, wait = ?config.startup_wait, "not every cluster loaded in time; serving what is known and forwarding the rest");
         }
         hub.rebuild();
         tasks.push(tokio::spawn(Arc::clone(&hub).run()));
@@ -162,4 +157,35 @@ impl App {
             task.abort();
         }
     }
+}
+
+/// Opens a configured cluster's source. Files are read here, so a broken one fails start-up;
+/// an API server that cannot be reached is not an error (its watcher retries with backoff).
+async fn open_source(cluster: &ClusterConfig) -> Result<Box<dyn ClusterSource>, AppError> {
+    let selector = cluster.gateway.selector.clone();
+    let kube_err = |source| AppError::Kubeconfig {
+        cluster: cluster.name.clone(),
+        source,
+    };
+    Ok(match &cluster.source {
+        SourceConfig::Objects(path) => Box::new(DumpSource::new(path, selector).map_err(|source| AppError::Source {
+            cluster: cluster.name.clone(),
+            source,
+        })?),
+        SourceConfig::Embedded(text) => {
+            let state = parse_dump(text.as_bytes(), &selector).map_err(|source| AppError::Embedded {
+                cluster: cluster.name.clone(),
+                source,
+            })?;
+            Box::new(StaticSource::from_parts(state))
+        }
+        SourceConfig::Kubeconfig(path) => {
+            let text = read_kubeconfig(path).map_err(kube_err)?;
+            // The operator wrote this file; only remote secrets get the untrusted rules.
+            let config = parse_kubeconfig(&text, false).map_err(kube_err)?;
+            let client = client_from_kubeconfig(config).await.map_err(kube_err)?;
+            Box::new(KubeSource::from_parts(client, selector))
+        }
+        SourceConfig::InCluster => Box::new(KubeSource::from_parts(in_cluster_client().map_err(kube_err)?, selector)),
+    })
 }

@@ -28,6 +28,8 @@ pub const DEFAULT_NEGATIVE_TTL: u32 = 5;
 pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// Idle TCP clients are dropped after this long, so they cannot pin connections forever.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A cluster whose API server cannot be reached must not hold the others back for long.
+pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound for configured TTLs: one day, as most resolvers cap anyway.
 pub const MAX_TTL: u32 = 86_400;
 
@@ -60,6 +62,8 @@ pub struct FileConfig {
     pub upstream_deadline: Option<String>,
     pub tcp_idle_timeout: Option<String>,
     pub worker_threads: Option<usize>,
+    pub remote_secrets_dir: Option<PathBuf>,
+    pub startup_wait: Option<String>,
     #[serde(default)]
     pub clusters: Vec<FileCluster>,
 }
@@ -71,6 +75,7 @@ pub struct FileCluster {
     #[serde(default)]
     pub local: bool,
     pub objects: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
     pub east_west_gateway: Option<FileGateway>,
 }
 
@@ -88,6 +93,10 @@ pub enum ClusterSource {
     Objects(PathBuf),
     /// A dump compiled into the binary (the demo).
     Embedded(&'static str),
+    /// A live API server reached through a kubeconfig file the operator provides (trusted).
+    Kubeconfig(PathBuf),
+    /// The live API server of the pod's own cluster, through its service account.
+    InCluster,
 }
 
 impl std::fmt::Display for ClusterSource {
@@ -95,6 +104,8 @@ impl std::fmt::Display for ClusterSource {
         match self {
             Self::Objects(path) => write!(f, "objects {}", path.display()),
             Self::Embedded(_) => f.write_str("embedded demo dump"),
+            Self::Kubeconfig(path) => write!(f, "kubeconfig {}", path.display()),
+            Self::InCluster => f.write_str("in-cluster service account"),
         }
     }
 }
@@ -134,6 +145,10 @@ pub struct Config {
     pub upstream_deadline: Duration,
     pub tcp_idle_timeout: Duration,
     pub worker_threads: usize,
+    /// Directory of Istio remote-secret kubeconfigs, one remote cluster per entry.
+    pub remote_secrets_dir: Option<PathBuf>,
+    /// How long start-up waits for every cluster's first state before serving what it has.
+    pub startup_wait: Duration,
     pub clusters: Vec<ClusterConfig>,
 }
 
@@ -265,6 +280,11 @@ impl Config {
         let upstream_timeout = duration("upstreamTimeout", file.upstream_timeout, DEFAULT_TRY_TIMEOUT)?;
         let upstream_deadline = duration("upstreamDeadline", file.upstream_deadline, DEFAULT_DEADLINE)?;
         let tcp_idle_timeout = duration("tcpIdleTimeout", file.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT)?;
+        let startup_wait = match file.startup_wait {
+            None => DEFAULT_STARTUP_WAIT,
+            Some(s) => parse_duration(&s)
+                .ok_or_else(|| invalid("startupWait", format!("{s:?} is not a duration like 10s or 0s")))?,
+        };
         let worker_threads = file.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS);
         if worker_threads == 0 {
             return Err(invalid("workerThreads", "must be at least 1".into()));
@@ -283,12 +303,22 @@ impl Config {
             if !names.insert(c.name.clone()) {
                 return Err(invalid(&field("name"), format!("cluster {:?} is listed twice", c.name)));
             }
-            let source = match c.objects {
-                Some(p) => ClusterSource::Objects(base.join(p)),
-                None => {
+            let source = match (c.objects, c.kubeconfig) {
+                (Some(_), Some(_)) => {
                     return Err(invalid(
-                        &field("objects"),
-                        "required: the path of a kubectl object dump".into(),
+                        &field("kubeconfig"),
+                        "a cluster takes either `objects` (a dump) or `kubeconfig` (live), not both".into(),
+                    ));
+                }
+                (Some(p), None) => ClusterSource::Objects(base.join(p)),
+                (None, Some(p)) => ClusterSource::Kubeconfig(base.join(p)),
+                (None, None) if c.local => ClusterSource::InCluster,
+                (None, None) => {
+                    return Err(invalid(
+                        &field("kubeconfig"),
+                        "a remote cluster needs `kubeconfig` (live) or `objects` (a dump); \
+                         remote clusters from Istio remote secrets go in `remoteSecretsDir`"
+                            .into(),
                     ));
                 }
             };
@@ -348,6 +378,8 @@ impl Config {
             upstream_deadline,
             tcp_idle_timeout,
             worker_threads,
+            remote_secrets_dir: file.remote_secrets_dir.map(|d| base.join(d)),
+            startup_wait,
             clusters,
         })
     }
@@ -405,7 +437,8 @@ fn parse_ingress(s: &str) -> Option<Ingress> {
     valid.then_some(Ingress::Hostname(host))
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// Whether `s` can name a cluster: a lowercase DNS label.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -506,9 +539,14 @@ clusters:
                 "clusters",
             ),
             (
-                "no objects",
-                "clusters: [{name: c1, local: true}]",
-                "clusters[0].objects",
+                "remote without a source",
+                "clusters: [{name: c1, local: true}, {name: c2}]",
+                "clusters[1].kubeconfig",
+            ),
+            (
+                "objects and kubeconfig",
+                "clusters: [{name: c1, local: true, objects: a, kubeconfig: b}]",
+                "clusters[0].kubeconfig",
             ),
             (
                 "bad listen",

@@ -20,7 +20,7 @@ pub fn config(overrides: &Overrides) -> Result<Config, ConfigError> {
         name: name.to_string(),
         local,
         objects: Some(format!("<embedded {name}>").into()),
-        east_west_gateway: None,
+        ..FileCluster::default()
     };
     let file = FileConfig {
         clusters: vec![cluster("cluster-1", true), cluster("cluster-2", false)],

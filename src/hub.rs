@@ -1,8 +1,10 @@
 //! Where cluster states meet: every source publishes its cluster's latest state here, and one
 //! builder task turns the set of states into a new [`Table`] and swaps it in atomically.
-//! Bursts of updates are coalesced into one rebuild; readers never wait for a build.
+//! Bursts of updates are coalesced into one rebuild; readers never wait for a build. Clusters
+//! can join and leave at run time (remote secrets change), each under a fresh handle so that a
+//! source that was replaced cannot publish into its successor's slot.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +15,6 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::cluster::{ClusterState, Ingress};
-use crate::config::ClusterConfig;
 use crate::table::{ClusterInput, Table, TableSettings};
 
 /// How long the builder waits after the first change of a burst before it rebuilds, so that a
@@ -23,18 +24,28 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(10);
 /// The shared, lock-free handle to the current table.
 pub type SharedTable = Arc<ArcSwap<Table>>;
 
-#[derive(Debug)]
-struct ClusterMeta {
-    name: String,
-    local: bool,
-    gateway_override: Option<Vec<Ingress>>,
+/// What the table builder needs to know about a cluster besides its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterMeta {
+    pub name: String,
+    pub local: bool,
+    /// Static gateway addresses from the config, replacing what the cluster reports.
+    pub gateway_override: Option<Vec<Ingress>>,
+    /// Where the state comes from, for status reports.
+    pub source: String,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
+    meta: ClusterMeta,
+    /// Distinguishes this registration from an earlier one under the same name.
+    epoch: u64,
     state: Arc<ClusterState>,
     loaded: bool,
+    /// The source failed since its last successful update: serving the last known state.
+    stale: bool,
     last_error: Option<String>,
+    last_update: Option<Instant>,
 }
 
 /// What the hub knows of one cluster, for status reports.
@@ -42,7 +53,9 @@ struct Slot {
 pub struct ClusterStatus {
     pub name: String,
     pub local: bool,
+    pub source: String,
     pub loaded: bool,
+    pub stale: bool,
     pub services: usize,
     pub last_error: Option<String>,
 }
@@ -50,37 +63,28 @@ pub struct ClusterStatus {
 #[derive(Debug)]
 pub struct Hub {
     settings: TableSettings,
-    clusters: Vec<ClusterMeta>,
-    slots: Mutex<Vec<Slot>>,
+    slots: Mutex<BTreeMap<String, Slot>>,
     table: SharedTable,
     dirty: Notify,
     /// Signalled whenever a cluster becomes loaded, for start-up to wait on.
     loaded_changed: Notify,
     generation: AtomicU64,
+    epochs: AtomicU64,
     /// Clusters already reported as having no gateway, so the log says it once per change.
     warned_no_gateway: Mutex<BTreeSet<String>>,
 }
 
 impl Hub {
-    pub fn new(settings: TableSettings, clusters: &[ClusterConfig]) -> Arc<Self> {
-        let meta: Vec<ClusterMeta> = clusters
-            .iter()
-            .map(|c| ClusterMeta {
-                name: c.name.clone(),
-                local: c.local,
-                gateway_override: c.gateway.addresses.clone(),
-            })
-            .collect();
-        let slots = meta.iter().map(|_| Slot::default()).collect();
+    pub fn new(settings: TableSettings) -> Arc<Self> {
         let table = Arc::new(ArcSwap::from_pointee(Table::empty(&settings)));
         Arc::new(Self {
             settings,
-            clusters: meta,
-            slots: Mutex::new(slots),
+            slots: Mutex::new(BTreeMap::new()),
             table,
             dirty: Notify::new(),
             loaded_changed: Notify::new(),
             generation: AtomicU64::new(0),
+            epochs: AtomicU64::new(0),
             warned_no_gateway: Mutex::new(BTreeSet::new()),
         })
     }
@@ -90,36 +94,61 @@ impl Hub {
         Arc::clone(&self.table)
     }
 
-    /// The handle a source of the named cluster publishes through.
-    pub fn handle(self: &Arc<Self>, cluster: &str) -> Option<ClusterHandle> {
-        let index = self.clusters.iter().position(|c| c.name == cluster)?;
-        Some(ClusterHandle {
+    /// Registers a cluster (replacing any earlier one of that name, whose handle goes dead) and
+    /// returns the handle its source publishes through. The cluster counts as not loaded until
+    /// its first state arrives, so names it might hold are not denied meanwhile.
+    pub fn add_cluster(self: &Arc<Self>, meta: ClusterMeta) -> ClusterHandle {
+        let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = meta.name.clone();
+        let slot = Slot {
+            meta,
+            epoch,
+            state: Arc::default(),
+            loaded: false,
+            stale: false,
+            last_error: None,
+            last_update: None,
+        };
+        self.slots().insert(name.clone(), slot);
+        self.dirty.notify_one();
+        ClusterHandle {
             hub: Arc::clone(self),
-            index,
-        })
+            name,
+            epoch,
+        }
+    }
+
+    /// Removes a cluster and its names from the table.
+    pub fn remove_cluster(&self, name: &str) {
+        if self.slots().remove(name).is_some() {
+            info!(cluster = name, "cluster removed");
+            self.dirty.notify_one();
+            self.loaded_changed.notify_waiters();
+        }
     }
 
     pub fn status(&self) -> Vec<ClusterStatus> {
-        let slots = self.slots();
-        self.clusters
-            .iter()
-            .zip(slots.iter())
-            .map(|(meta, slot)| ClusterStatus {
-                name: meta.name.clone(),
-                local: meta.local,
+        self.slots()
+            .values()
+            .map(|slot| ClusterStatus {
+                name: slot.meta.name.clone(),
+                local: slot.meta.local,
+                source: slot.meta.source.clone(),
                 loaded: slot.loaded,
+                stale: slot.stale,
                 services: slot.state.services.len(),
                 last_error: slot.last_error.clone(),
             })
             .collect()
     }
 
-    /// Waits until every cluster has delivered its first state, or `limit` passes; tells which.
+    /// Waits until every registered cluster has delivered its first state, or `limit` passes;
+    /// tells which.
     pub async fn wait_loaded(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.loaded_changed.notified();
-            if self.slots().iter().all(|s| s.loaded) {
+            if self.slots().values().all(|s| s.loaded) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -128,16 +157,17 @@ impl Hub {
         }
     }
 
-    /// Builds a table from the current states and publishes it.
-    pub fn rebuild(&self) {
+    /// Builds a table from the current states and publishes it. Returns how long it took.
+    pub fn rebuild(&self) -> Duration {
         let started = Instant::now();
-        let snapshot: Vec<(Arc<ClusterState>, bool)> =
-            self.slots().iter().map(|s| (Arc::clone(&s.state), s.loaded)).collect();
-        let inputs: Vec<ClusterInput<'_>> = self
-            .clusters
+        let snapshot: Vec<(ClusterMeta, Arc<ClusterState>, bool)> = self
+            .slots()
+            .values()
+            .map(|s| (s.meta.clone(), Arc::clone(&s.state), s.loaded))
+            .collect();
+        let inputs: Vec<ClusterInput<'_>> = snapshot
             .iter()
-            .zip(snapshot.iter())
-            .map(|(meta, (state, loaded))| ClusterInput {
+            .map(|(meta, state, loaded)| ClusterInput {
                 name: &meta.name,
                 local: meta.local,
                 state,
@@ -163,13 +193,9 @@ impl Hub {
         let names = table.len();
         let all_loaded = table.all_loaded();
         self.table.store(Arc::new(table));
-        debug!(
-            generation,
-            names,
-            all_loaded,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "table rebuilt"
-        );
+        let elapsed = started.elapsed();
+        debug!(generation, names, all_loaded, elapsed_us = elapsed.as_micros() as u64, "table rebuilt");
+        elapsed
     }
 
     /// Rebuilds whenever sources publish, coalescing bursts. Runs until the task is dropped.
@@ -181,48 +207,92 @@ impl Hub {
         }
     }
 
-    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+    fn slots(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
         // A panic elsewhere while holding the lock leaves plain data behind; keep serving it.
         self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// A source's way to publish one cluster's state.
+/// A source's way to publish one cluster's state. It goes dead (its calls do nothing) once the
+/// cluster is removed or registered again.
 #[derive(Clone, Debug)]
 pub struct ClusterHandle {
     hub: Arc<Hub>,
-    index: usize,
+    name: String,
+    epoch: u64,
 }
 
 impl ClusterHandle {
     pub fn cluster(&self) -> &str {
-        &self.hub.clusters[self.index].name
+        &self.name
+    }
+
+    fn with_slot<T>(&self, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+        let mut slots = self.hub.slots();
+        slots.get_mut(&self.name).filter(|s| s.epoch == self.epoch).map(f)
     }
 
     /// Replaces the cluster's state; the cluster counts as loaded from now on.
     pub fn publish(&self, state: ClusterState) {
         let services = state.services.len();
-        let first = {
-            let mut slots = self.hub.slots();
-            let slot = &mut slots[self.index];
+        let Some((first, was_stale)) = self.with_slot(|slot| {
             let first = !slot.loaded;
+            let was_stale = slot.stale;
             slot.state = Arc::new(state);
             slot.loaded = true;
+            slot.stale = false;
             slot.last_error = None;
-            first
+            slot.last_update = Some(Instant::now());
+            (first, was_stale)
+        }) else {
+            return;
         };
         if first {
             self.hub.loaded_changed.notify_waiters();
-            info!(cluster = self.cluster(), services, "cluster loaded");
+            info!(cluster = %self.name, services, "cluster loaded");
+        } else if was_stale {
+            info!(cluster = %self.name, services, "cluster state current again");
         } else {
-            debug!(cluster = self.cluster(), services, "cluster state updated");
+            debug!(cluster = %self.name, services, "cluster state updated");
         }
         self.hub.dirty.notify_one();
     }
 
+    /// The source is healthy again without a state change to publish (e.g. a watch reconnected).
+    pub fn mark_current(&self) {
+        let was_stale = self
+            .with_slot(|slot| {
+                let was = slot.stale && slot.loaded;
+                slot.stale = false;
+                slot.last_error = None;
+                slot.last_update = Some(Instant::now());
+                was
+            })
+            .unwrap_or(false);
+        if was_stale {
+            info!(cluster = %self.name, "cluster state current again");
+        }
+    }
+
     /// Records a failure to refresh the cluster; its last good state keeps being served.
     pub fn report_error(&self, error: &dyn Display) {
-        warn!(cluster = self.cluster(), %error, "cluster state not updated; keeping the last good state");
-        self.hub.slots()[self.index].last_error = Some(error.to_string());
+        let newly_stale = self
+            .with_slot(|slot| {
+                let newly = !slot.stale;
+                slot.stale = true;
+                slot.last_error = Some(error.to_string());
+                newly
+            })
+            .unwrap_or(false);
+        if newly_stale {
+            warn!(cluster = %self.name, %error, "cluster state is stale: serving the last known state");
+        } else {
+            debug!(cluster = %self.name, %error, "cluster source still failing");
+        }
+    }
+
+    /// Whether this handle still owns its cluster's slot.
+    pub fn is_current(&self) -> bool {
+        self.with_slot(|_| ()).is_some()
     }
 }

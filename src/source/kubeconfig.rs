@@ -1,0 +1,156 @@
+//! Turning kubeconfigs into API clients, and the checks that make a kubeconfig from an Istio
+//! remote secret safe to use. Remote secrets are written by whoever administers the remote
+//! cluster, so, as istiod does, meshdns refuses anything in them that would run a program or
+//! read a file of the pod: exec credential plugins, auth providers, and file paths.
+
+use std::path::{Path, PathBuf};
+
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use thiserror::Error;
+
+/// A kubeconfig is a few KiB even with embedded certificates; anything larger is not one.
+pub const MAX_KUBECONFIG_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum KubeconfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: larger than {MAX_KUBECONFIG_BYTES} bytes, not a kubeconfig")]
+    TooLarge { path: PathBuf },
+    #[error("not a valid kubeconfig: {0}")]
+    Parse(String),
+    #[error("refused: {field} is not allowed in a remote-secret kubeconfig ({why})")]
+    Untrusted { field: String, why: &'static str },
+    #[error("cannot build a client: {0}")]
+    Client(String),
+    #[error("in-cluster service account not usable: {0}")]
+    InCluster(String),
+}
+
+/// Reads a kubeconfig file with a size cap.
+pub fn read_kubeconfig(path: &Path) -> Result<String, KubeconfigError> {
+    let read_err = |source| KubeconfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > MAX_KUBECONFIG_BYTES {
+        return Err(KubeconfigError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+/// Parses kubeconfig text; with `untrusted`, also applies the remote-secret rules.
+pub fn parse_kubeconfig(text: &str, untrusted: bool) -> Result<Kubeconfig, KubeconfigError> {
+    let config = Kubeconfig::from_yaml(text).map_err(|e| KubeconfigError::Parse(e.to_string()))?;
+    // YAML accepts almost any text as some document; a kubeconfig must name a server.
+    if !config.clusters.iter().any(|c| c.cluster.as_ref().is_some_and(|c| c.server.is_some())) {
+        return Err(KubeconfigError::Parse("no cluster with a server address".into()));
+    }
+    if untrusted {
+        check_untrusted(&config)?;
+    }
+    Ok(config)
+}
+
+/// The remote-secret rules: credentials and CAs must be inline data, nothing may run a
+/// command or name a path on this pod.
+pub fn check_untrusted(config: &Kubeconfig) -> Result<(), KubeconfigError> {
+    let refuse = |field: String, why| Err(KubeconfigError::Untrusted { field, why });
+    for named in &config.auth_infos {
+        let Some(auth) = &named.auth_info else { continue };
+        let at = |f: &str| format!("users[{}].user.{f}", named.name);
+        if auth.exec.is_some() {
+            return refuse(at("exec"), "it runs a program inside the meshdns container");
+        }
+        if auth.auth_provider.is_some() {
+            return refuse(at("auth-provider"), "auth providers run plugins and read local files");
+        }
+        if auth.token_file.is_some() {
+            return refuse(at("tokenFile"), "it reads a file of the pod; use an inline token");
+        }
+        if auth.client_certificate.is_some() {
+            return refuse(at("client-certificate"), "it reads a file of the pod; use client-certificate-data");
+        }
+        if auth.client_key.is_some() {
+            return refuse(at("client-key"), "it reads a file of the pod; use client-key-data");
+        }
+    }
+    for named in &config.clusters {
+        let Some(cluster) = &named.cluster else { continue };
+        if cluster.certificate_authority.is_some() {
+            return refuse(
+                format!("clusters[{}].cluster.certificate-authority", named.name),
+                "it reads a file of the pod; use certificate-authority-data",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A client for the kubeconfig's current context.
+pub async fn client_from_kubeconfig(config: Kubeconfig) -> Result<Client, KubeconfigError> {
+    let options = KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(config, &options)
+        .await
+        .map_err(|e| KubeconfigError::Client(e.to_string()))?;
+    Client::try_from(config).map_err(|e| KubeconfigError::Client(e.to_string()))
+}
+
+/// A client through the pod's service account (`KUBERNETES_SERVICE_HOST`, token and CA).
+pub fn in_cluster_client() -> Result<Client, KubeconfigError> {
+    let config = kube::Config::incluster().map_err(|e| KubeconfigError::InCluster(e.to_string()))?;
+    Client::try_from(config).map_err(|e| KubeconfigError::Client(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "apiVersion: v1
+kind: Config
+clusters:
+- name: c2
+  cluster:
+    server: https://10.0.0.1:6443
+    certificate-authority-data: Zm9v
+contexts:
+- name: c2
+  context: {cluster: c2, user: c2}
+current-context: c2
+users:
+- name: c2
+  user:
+    token: abc
+";
+
+    #[test]
+    fn remote_secret_rules() {
+        parse_kubeconfig(BASE, true).expect("inline token and CA are fine");
+        let cases = [
+            ("token: abc", "exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1", "exec"),
+            ("token: abc", "auth-provider:\n      name: gcp", "auth-provider"),
+            ("token: abc", "tokenFile: /var/run/secrets/token", "tokenFile"),
+            ("token: abc", "client-certificate: /etc/cert.pem", "client-certificate"),
+            ("token: abc", "client-key: /etc/key.pem", "client-key"),
+            ("certificate-authority-data: Zm9v", "certificate-authority: /etc/ca.pem", "certificate-authority"),
+        ];
+        for (from, to, field) in cases {
+            let text = BASE.replace(from, to);
+            let err = parse_kubeconfig(&text, true).expect_err(field).to_string();
+            assert!(err.contains(field), "{field}: {err}");
+            // The operator's own kubeconfig may use them.
+            parse_kubeconfig(&text, false).expect("trusted kubeconfig");
+        }
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error() {
+        for text in ["", "::::", "clusters: 7", "\u{0}\u{1}binary", "clusters: []\nusers: []"] {
+            assert!(parse_kubeconfig(text, true).is_err(), "{text:?}");
+        }
+    }
+}
