@@ -14,7 +14,9 @@ use crate::handler::DnsHandler;
 use crate::hub::{ClusterMeta, Hub};
 use crate::resolv::{ResolvConf, ResolvConfError};
 use crate::server::{DnsServer, ServerError};
-use crate::source::kubeconfig::{KubeconfigError, client_from_kubeconfig, in_cluster_client, parse_kubeconfig, read_kubeconfig};
+use crate::source::kubeconfig::{
+    KubeconfigError, client_from_kubeconfig, in_cluster_client, parse_kubeconfig, read_kubeconfig,
+};
 use crate::source::live::KubeSource;
 use crate::source::secrets::RemoteSecrets;
 use crate::source::{ClusterSource, DumpError, DumpSource, SourceError, StaticSource, parse_dump};
@@ -168,10 +170,12 @@ async fn open_source(cluster: &ClusterConfig) -> Result<Box<dyn ClusterSource>, 
         source,
     };
     Ok(match &cluster.source {
-        SourceConfig::Objects(path) => Box::new(DumpSource::new(path, selector).map_err(|source| AppError::Source {
-            cluster: cluster.name.clone(),
-            source,
-        })?),
+        SourceConfig::Objects(path) => {
+            Box::new(DumpSource::new(path, selector).map_err(|source| AppError::Source {
+                cluster: cluster.name.clone(),
+                source,
+            })?)
+        }
         SourceConfig::Embedded(text) => {
             let state = parse_dump(text.as_bytes(), &selector).map_err(|source| AppError::Embedded {
                 cluster: cluster.name.clone(),

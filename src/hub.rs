@@ -70,8 +70,8 @@ pub struct Hub {
     loaded_changed: Notify,
     generation: AtomicU64,
     epochs: AtomicU64,
-    /// Clusters already reported as having no gateway, so the log says it once per change.
-    warned_no_gateway: Mutex<BTreeSet<String>>,
+    /// Clusters without a gateway and services with unusable names already logged.
+    warned: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
 }
 
 impl Hub {
@@ -85,7 +85,7 @@ impl Hub {
             loaded_changed: Notify::new(),
             generation: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
-            warned_no_gateway: Mutex::new(BTreeSet::new()),
+            warned: Mutex::new((BTreeSet::new(), BTreeSet::new())),
         })
     }
 
@@ -177,24 +177,28 @@ impl Hub {
             .collect();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (table, report) = Table::build(&self.settings, &inputs, generation);
-        for skipped in &report.skipped {
-            warn!(service = %skipped, "service name is not a valid DNS name; left out of the table");
-        }
         {
-            let mut warned = self
-                .warned_no_gateway
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for cluster in report.clusters_without_gateway.difference(&warned) {
+            // Each problem is logged when it appears, not on every rebuild.
+            let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for cluster in report.clusters_without_gateway.difference(&warned.0) {
                 warn!(cluster = %cluster, "remote cluster has no east-west gateway address; its services are not answered");
             }
-            *warned = report.clusters_without_gateway;
+            for service in report.skipped.difference(&warned.1) {
+                warn!(%service, "service name is not a valid DNS name; left out of the table");
+            }
+            *warned = (report.clusters_without_gateway, report.skipped);
         }
         let names = table.len();
         let all_loaded = table.all_loaded();
         self.table.store(Arc::new(table));
         let elapsed = started.elapsed();
-        debug!(generation, names, all_loaded, elapsed_us = elapsed.as_micros() as u64, "table rebuilt");
+        debug!(
+            generation,
+            names,
+            all_loaded,
+            elapsed_us = elapsed.as_micros() as u64,
+            "table rebuilt"
+        );
         elapsed
     }
 

@@ -8,6 +8,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
+use crate::name_key::{KeyBuf, ancestors, to_name};
 use crate::table::{Entry, EntryData, Table};
 
 /// Which rule produced a local answer; used for logs and metrics labels.
@@ -56,7 +57,10 @@ pub enum Resolution {
 
 /// Decides the answer for `qname` (as the client spelled it, which the answer keeps) and `qtype`.
 pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
-    if let Some(entry) = table.get(qname) {
+    let Some(key) = KeyBuf::from_name(qname) else {
+        return Resolution::Forward;
+    };
+    if let Some(entry) = table.get_key(key.as_bytes()) {
         return answer_entry(table, qname, entry, qtype, Vec::new(), Rule::Table);
     }
     if !table.cluster_domain().zone_of(qname) {
@@ -73,7 +77,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
         // Other names of the cluster domain (pods, the apex) belong to the cluster's DNS.
         return Resolution::Forward;
     }
-    if table.is_empty_non_terminal(qname) {
+    if table.is_empty_non_terminal(key.as_bytes()) {
         return local(
             Rule::NoData,
             ResponseCode::NoError,
@@ -82,7 +86,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
             None,
         );
     }
-    if below_delegated(table, qname) || !table.all_loaded() {
+    if below_delegated(table, key.as_bytes()) || !table.all_loaded() {
         return Resolution::Forward;
     }
     local(
@@ -104,38 +108,27 @@ fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entr
         if labels <= dl || !domain.zone_of(qname) {
             continue;
         }
-        let Ok(relative) = Name::from_labels(qname.iter().take(labels - dl)) else {
-            continue;
-        };
-        let later = table.search()[i + 1..]
-            .iter()
-            .filter_map(|d| relative.clone().append_domain(d).ok());
-        let absolute = {
-            let mut n = relative.clone();
-            n.set_fqdn(true);
-            n
-        };
-        for candidate in later.chain(std::iter::once(absolute)) {
-            if let Some(entry) = table.get(&candidate) {
-                // Delegated names are answered by the cluster's DNS; a shortcut would hide them.
-                if entry.data != EntryData::Delegated {
-                    return Some((candidate.to_lowercase(), entry));
-                }
+        let relative = KeyBuf::from_labels(qname.iter().take(labels - dl))?;
+        let later = table.search_keys()[i + 1..].iter().map(|k| &k[..]);
+        for suffix in later.chain(std::iter::once(&[][..])) {
+            let mut candidate = relative.clone();
+            if candidate.push_key(suffix).is_none() {
+                continue;
+            }
+            let Some(entry) = table.get_key(candidate.as_bytes()) else {
+                continue;
+            };
+            // Delegated names are answered by the cluster's DNS; a shortcut would hide them.
+            if *entry.data != EntryData::Delegated {
+                return Some((to_name(candidate.as_bytes())?, entry));
             }
         }
     }
     None
 }
 
-fn below_delegated(table: &Table, qname: &Name) -> bool {
-    let mut parent = qname.base_name();
-    while table.svc_zone().zone_of(&parent) && parent != *table.svc_zone() {
-        if table.get(&parent).is_some_and(|e| e.data == EntryData::Delegated) {
-            return true;
-        }
-        parent = parent.base_name();
-    }
-    false
+fn below_delegated(table: &Table, key: &[u8]) -> bool {
+    ancestors(key).any(|parent| table.get_key(parent).is_some_and(|e| *e.data == EntryData::Delegated))
 }
 
 fn answer_entry(
@@ -147,7 +140,7 @@ fn answer_entry(
     rule: Rule,
 ) -> Resolution {
     let ttl = table.ttl();
-    match &entry.data {
+    match &*entry.data {
         EntryData::Delegated => Resolution::Forward,
         EntryData::Alias(target) => {
             answers.push(record(owner.clone(), ttl, RData::CNAME(CNAME(target.clone()))));

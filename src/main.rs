@@ -37,6 +37,8 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
+    /// Install the pod's DNS capture rules (the init container's job; needs CAP_NET_ADMIN).
+    Iptables(meshdns::iptables::IptablesArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
     let config = match cli.command {
         Command::Serve { config, overrides } => Config::load(&config, &overrides.into()),
         Command::Demo { overrides } => meshdns::demo::config(&overrides.into()),
+        Command::Iptables(args) => return iptables(&args),
     };
     let config = match config {
         Ok(c) => c,
@@ -84,6 +87,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(config))
+}
+
+fn iptables(args: &meshdns::iptables::IptablesArgs) -> ExitCode {
+    match meshdns::iptables::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn run(config: Config) -> ExitCode {

@@ -2,7 +2,9 @@
 //! immutable value. A new table is built on every change and published whole (see
 //! [`crate::hub`]), so a query reads one consistent snapshot and never waits for a rebuild.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use hickory_proto::rr::rdata::SOA;
 use hickory_proto::rr::{Name, RData, Record};
 
 use crate::cluster::{ClusterState, Ingress, ObjectKey, ServiceKind};
+use crate::name_key::{KeyBuf, to_name};
 
 /// SOA timers other than the minimum; resolvers only use the minimum for negative caching,
 /// but the values must be sane for tools that print them. They follow CoreDNS's defaults.
@@ -37,12 +40,13 @@ pub enum Origin {
     /// The Service exists in the local cluster.
     Local { cluster: Arc<str> },
     /// The Service exists only in these remote clusters; answered with their gateways.
-    Remote { clusters: Vec<Arc<str>> },
+    Remote { clusters: Arc<[Arc<str>]> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub data: EntryData,
+    /// Shared: every remote service held by the same clusters has the same answer.
+    pub data: Arc<EntryData>,
     pub origin: Origin,
 }
 
@@ -73,13 +77,16 @@ pub struct ClusterInput<'a> {
 /// An immutable snapshot of every name meshdns answers.
 #[derive(Debug)]
 pub struct Table {
-    entries: HashMap<Name, Entry>,
+    /// Keyed by [`crate::name_key`] keys.
+    entries: HashMap<Box<[u8]>, Entry>,
     /// Names that exist only because table names lie below them (`<ns>.svc.<zone>`,
     /// `svc.<zone>`): they have no records but must not be denied (RFC 8020).
-    empty_non_terminals: HashSet<Name>,
+    empty_non_terminals: HashSet<Box<[u8]>>,
     cluster_domain: Name,
     svc_zone: Name,
     search: Vec<Name>,
+    /// Keys of `search`, same order.
+    search_keys: Vec<Box<[u8]>>,
     all_loaded: bool,
     ttl: u32,
     soa: Record,
@@ -92,7 +99,7 @@ pub struct BuildReport {
     /// Remote clusters with services but no known gateway address: they contribute nothing.
     pub clusters_without_gateway: BTreeSet<String>,
     /// Services whose names are not valid DNS names and were left out.
-    pub skipped: Vec<String>,
+    pub skipped: BTreeSet<String>,
 }
 
 impl Table {
@@ -101,6 +108,9 @@ impl Table {
         Self::build(settings, &[], 0).0
     }
 
+    /// Builds the table from every cluster's state. This runs on every change, so it avoids
+    /// per-service work that can be shared: names are built once, and remote services held by
+    /// the same set of clusters share one answer.
     pub fn build(settings: &TableSettings, clusters: &[ClusterInput<'_>], generation: u64) -> (Self, BuildReport) {
         let mut report = BuildReport::default();
         let cluster_domain = fqdn(&settings.cluster_domain).unwrap_or_else(Name::root);
@@ -108,50 +118,63 @@ impl Table {
             .ok()
             .and_then(|svc| svc.append_domain(&cluster_domain).ok())
             .unwrap_or_else(|| cluster_domain.clone());
+        let cluster_names: Vec<Arc<str>> = clusters.iter().map(|c| Arc::from(c.name)).collect();
 
-        let mut entries: HashMap<Name, Entry> = HashMap::new();
-        let mut insert = |key: &ObjectKey, entry: Entry, report: &mut BuildReport| match service_name(key, &svc_zone) {
-            Some(name) => {
-                entries.insert(name, entry);
-            }
-            None => report.skipped.push(key.to_string()),
-        };
+        let capacity = clusters.iter().map(|c| c.state.services.len()).max().unwrap_or(0);
+        let svc_key = KeyBuf::from_name(&svc_zone).unwrap_or_default();
+        let mut entries: HashMap<Box<[u8]>, Entry> = HashMap::with_capacity(capacity);
+        let mut namespaces: HashSet<&str> = HashSet::new();
 
         // Local services win over remote copies, so they go first and remotes fill the gaps.
-        let mut local_keys: HashSet<&ObjectKey> = HashSet::new();
-        for cluster in clusters.iter().filter(|c| c.local) {
+        for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| c.local) {
             let origin = Origin::Local {
-                cluster: Arc::from(cluster.name),
+                cluster: Arc::clone(&cluster_names[i]),
             };
             for (key, svc) in &cluster.state.services {
-                local_keys.insert(key);
+                let Some(name) = service_key(key, &svc_key) else {
+                    report.skipped.insert(key.to_string());
+                    continue;
+                };
+                namespaces.insert(&key.namespace);
                 let data = match &svc.kind {
                     ServiceKind::ClusterIp(ips) => addresses(ips.iter().copied()),
                     ServiceKind::Headless | ServiceKind::ExternalName(_) => EntryData::Delegated,
                 };
-                insert(
-                    key,
-                    Entry {
-                        data,
-                        origin: origin.clone(),
-                    },
-                    &mut report,
-                );
+                let entry = Entry {
+                    data: Arc::new(data),
+                    origin: origin.clone(),
+                };
+                entries.insert(name.to_boxed(), entry);
             }
         }
 
-        // Remote-only services: which clusters have each one, then those clusters' gateways.
-        let mut remote: BTreeMap<&ObjectKey, Vec<usize>> = BTreeMap::new();
+        // Remote-only services: which clusters hold each one (in cluster order)...
+        let mut remote: HashMap<Box<[u8]>, Vec<u16>> = HashMap::with_capacity(capacity);
         for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| !c.local) {
+            let Ok(index) = u16::try_from(i) else { break };
             for (key, svc) in &cluster.state.services {
                 // An ExternalName alias is resolved by each cluster's DNS; the gateway does not
                 // route to it, so a remote one makes nothing reachable.
-                if matches!(svc.kind, ServiceKind::ExternalName(_)) || local_keys.contains(key) {
+                if matches!(svc.kind, ServiceKind::ExternalName(_)) {
                     continue;
                 }
-                remote.entry(key).or_default().push(i);
+                let Some(name) = service_key(key, &svc_key) else {
+                    report.skipped.insert(key.to_string());
+                    continue;
+                };
+                if entries.contains_key(name.as_bytes()) {
+                    continue;
+                }
+                match remote.get_mut(name.as_bytes()) {
+                    Some(holders) => holders.push(index),
+                    None => {
+                        namespaces.insert(&key.namespace);
+                        remote.insert(name.to_boxed(), vec![index]);
+                    }
+                }
             }
         }
+        // ...and one answer per distinct set of holders, shared by every service it covers.
         let gateways: Vec<Vec<Ingress>> = clusters
             .iter()
             .map(|c| match c.gateway_override {
@@ -159,63 +182,39 @@ impl Table {
                 None => c.state.gateway_addresses(),
             })
             .collect();
-        for (key, holders) in remote {
-            let mut ips = Vec::new();
-            let mut hosts = Vec::new();
-            let mut serving = Vec::new();
-            for &i in &holders {
-                if gateways[i].is_empty() {
-                    report.clusters_without_gateway.insert(clusters[i].name.to_string());
-                    continue;
-                }
-                serving.push(Arc::from(clusters[i].name));
-                for ingress in &gateways[i] {
-                    match ingress {
-                        Ingress::Ip(ip) => ips.push(*ip),
-                        Ingress::Hostname(h) => hosts.push(h.as_str()),
-                    }
-                }
-            }
-            if serving.is_empty() {
-                continue;
-            }
-            // A name cannot hold both a CNAME and addresses: addresses win, and among host
-            // names the first in sort order, so every pod answers the same.
-            let data = if !ips.is_empty() {
-                addresses(ips.into_iter())
-            } else {
-                hosts.sort_unstable();
-                match hosts.first().and_then(|h| fqdn(h)) {
-                    Some(target) => EntryData::Alias(target),
-                    None => continue,
-                }
-            };
-            insert(
-                key,
-                Entry {
-                    data,
-                    origin: Origin::Remote { clusters: serving },
-                },
-                &mut report,
-            );
-        }
-
-        let mut empty_non_terminals = HashSet::new();
-        for name in entries.keys() {
-            let mut parent = name.base_name();
-            while svc_zone.zone_of(&parent) {
-                if !entries.contains_key(&parent) && !empty_non_terminals.insert(parent.clone()) {
-                    break;
-                }
-                parent = parent.base_name();
+        let mut answers: HashMap<Vec<u16>, Option<Entry>> = HashMap::new();
+        for (name, holders) in remote {
+            let entry = answers
+                .entry(holders)
+                .or_insert_with_key(|holders| remote_entry(holders, &gateways, &cluster_names, &mut report));
+            if let Some(entry) = entry {
+                entries.insert(name, entry.clone());
             }
         }
 
-        let search = settings
+        // Every namespace with a table name, and the svc zone itself, exist as empty
+        // non-terminals.
+        let mut empty_non_terminals: HashSet<Box<[u8]>> = namespaces
+            .iter()
+            .filter_map(|ns| {
+                let mut key = KeyBuf::from_labels([ns.as_bytes()])?;
+                key.push_key(svc_key.as_bytes())?;
+                Some(key.to_boxed())
+            })
+            .collect();
+        if !entries.is_empty() {
+            empty_non_terminals.insert(svc_key.to_boxed());
+        }
+
+        let search: Vec<Name> = settings
             .search
             .iter()
             .filter_map(|s| fqdn(s))
             .filter(|s| cluster_domain.zone_of(s))
+            .collect();
+        let search_keys = search
+            .iter()
+            .map(|s| KeyBuf::from_name(s).unwrap_or_default().to_boxed())
             .collect();
         let soa = soa_record(&cluster_domain, settings.negative_ttl, generation);
         let all_loaded = !clusters.is_empty() && clusters.iter().all(|c| c.loaded);
@@ -225,6 +224,7 @@ impl Table {
             cluster_domain,
             svc_zone,
             search,
+            search_keys,
             all_loaded,
             ttl: settings.ttl,
             soa,
@@ -234,11 +234,16 @@ impl Table {
     }
 
     pub fn get(&self, name: &Name) -> Option<&Entry> {
-        self.entries.get(name)
+        self.get_key(KeyBuf::from_name(name)?.as_bytes())
     }
 
-    pub fn is_empty_non_terminal(&self, name: &Name) -> bool {
-        self.empty_non_terminals.contains(name)
+    /// Lookup by [`crate::name_key`] key: the hot path, no allocation.
+    pub fn get_key(&self, key: &[u8]) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    pub fn is_empty_non_terminal(&self, key: &[u8]) -> bool {
+        self.empty_non_terminals.contains(key)
     }
 
     pub fn cluster_domain(&self) -> &Name {
@@ -253,6 +258,11 @@ impl Table {
     /// Search domains inside the cluster domain, in resolv.conf order.
     pub fn search(&self) -> &[Name] {
         &self.search
+    }
+
+    /// Keys of [`Table::search`], same order.
+    pub fn search_keys(&self) -> &[Box<[u8]>] {
+        &self.search_keys
     }
 
     /// Whether every configured cluster has delivered its first full state; until then a
@@ -281,9 +291,53 @@ impl Table {
         self.entries.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Name, &Entry)> {
-        self.entries.iter()
+    /// Every entry with its name.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<Name>, &Entry)> {
+        self.entries.iter().map(|(k, e)| (to_name(k), e))
     }
+}
+
+/// The answer for services held by exactly the clusters `holders`: their gateways' addresses.
+fn remote_entry(
+    holders: &[u16],
+    gateways: &[Vec<Ingress>],
+    names: &[Arc<str>],
+    report: &mut BuildReport,
+) -> Option<Entry> {
+    let mut ips = Vec::new();
+    let mut hosts = Vec::new();
+    let mut serving = Vec::new();
+    for &i in holders {
+        let i = usize::from(i);
+        if gateways[i].is_empty() {
+            report.clusters_without_gateway.insert(names[i].to_string());
+            continue;
+        }
+        serving.push(Arc::clone(&names[i]));
+        for ingress in &gateways[i] {
+            match ingress {
+                Ingress::Ip(ip) => ips.push(*ip),
+                Ingress::Hostname(h) => hosts.push(h.as_str()),
+            }
+        }
+    }
+    if serving.is_empty() {
+        return None;
+    }
+    // A name cannot hold both a CNAME and addresses: addresses win, and among host names the
+    // first in sort order, so every pod answers the same.
+    let data = if !ips.is_empty() {
+        addresses(ips.into_iter())
+    } else {
+        hosts.sort_unstable();
+        EntryData::Alias(hosts.first().and_then(|h| fqdn(h))?)
+    };
+    Some(Entry {
+        data: Arc::new(data),
+        origin: Origin::Remote {
+            clusters: serving.into(),
+        },
+    })
 }
 
 fn addresses(ips: impl Iterator<Item = IpAddr>) -> EntryData {
@@ -306,12 +360,22 @@ pub fn fqdn(s: &str) -> Option<Name> {
     Some(name)
 }
 
-fn service_name(key: &ObjectKey, svc_zone: &Name) -> Option<Name> {
-    Name::from_labels([key.name.as_bytes(), key.namespace.as_bytes()])
-        .ok()?
-        .append_domain(svc_zone)
-        .ok()
-        .map(|n| n.to_lowercase())
+/// The key of `<name>.<namespace>.svc.<zone>`; `None` unless both are DNS labels.
+fn service_key(key: &ObjectKey, svc_key: &KeyBuf) -> Option<KeyBuf> {
+    if !is_label(&key.name) || !is_label(&key.namespace) {
+        return None;
+    }
+    let mut buf = KeyBuf::from_labels([key.name.as_bytes(), key.namespace.as_bytes()])?;
+    buf.push_key(svc_key.as_bytes())?;
+    Some(buf)
+}
+
+/// A Kubernetes object name usable as one DNS label.
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn soa_record(zone: &Name, negative_ttl: u32, generation: u64) -> Record {
@@ -400,7 +464,7 @@ mod tests {
             .get(&fqdn("HelloWorld.helloworld.svc.cluster.local").unwrap())
             .unwrap();
         assert_eq!(
-            hw.data,
+            *hw.data,
             EntryData::Addresses {
                 v4: vec!["10.96.120.15".parse().unwrap()],
                 v6: vec![]
@@ -408,16 +472,17 @@ mod tests {
         );
         let hb = table.get(&fqdn("httpbin.sample.svc.cluster.local").unwrap()).unwrap();
         assert_eq!(
-            hb.data,
+            *hb.data,
             EntryData::Addresses {
                 v4: vec!["34.136.67.85".parse().unwrap()],
                 v6: vec![]
             }
         );
         assert!(matches!(&hb.origin, Origin::Remote { clusters } if clusters.len() == 1));
-        assert!(table.is_empty_non_terminal(&fqdn("sample.svc.cluster.local").unwrap()));
-        assert!(table.is_empty_non_terminal(&fqdn("svc.cluster.local").unwrap()));
-        assert!(!table.is_empty_non_terminal(&fqdn("cluster.local").unwrap()));
+        let key = |s: &str| KeyBuf::from_name(&fqdn(s).unwrap()).unwrap();
+        assert!(table.is_empty_non_terminal(key("sample.svc.cluster.local").as_bytes()));
+        assert!(table.is_empty_non_terminal(key("svc.cluster.local").as_bytes()));
+        assert!(!table.is_empty_non_terminal(key("cluster.local").as_bytes()));
         assert_eq!(table.search().len(), 3, "corp.example is outside the cluster domain");
         assert!(table.all_loaded());
         assert_eq!(table.generation(), 7);
@@ -463,7 +528,7 @@ mod tests {
         ];
         let (table, report) = Table::build(&settings(), &inputs, 1);
         let name = fqdn("api.ns.svc.cluster.local").unwrap();
-        let EntryData::Addresses { v4, v6 } = &table.get(&name).unwrap().data else {
+        let EntryData::Addresses { v4, v6 } = &*table.get(&name).unwrap().data else {
             panic!()
         };
         assert_eq!(v4.len(), 2, "each address once: {v4:?}");
@@ -474,14 +539,14 @@ mod tests {
         let inputs = [inputs[0], input("c5", &c5, None)];
         let (table, _) = Table::build(&settings(), &inputs, 2);
         assert_eq!(
-            table.get(&name).unwrap().data,
+            *table.get(&name).unwrap().data,
             EntryData::Alias(fqdn("lb.example.com").unwrap())
         );
         let inputs = [inputs[0], input("c4", &c4, Some(&over))];
         let (table, report) = Table::build(&settings(), &inputs, 3);
         assert!(report.clusters_without_gateway.is_empty());
         assert_eq!(
-            table.get(&name).unwrap().data,
+            *table.get(&name).unwrap().data,
             EntryData::Addresses {
                 v4: vec!["9.9.9.9".parse().unwrap()],
                 v6: vec![]

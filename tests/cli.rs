@@ -3,17 +3,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::process::{BIN, Meshdns};
 use support::upstream::{Behavior, FakeUpstream};
-
-const BIN: &str = env!("CARGO_BIN_EXE_meshdns");
-/// How long the binary may take to bind and say where it listens.
-const START_WAIT: Duration = Duration::from_secs(10);
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(BIN).args(args).output().expect("run meshdns");
@@ -89,40 +85,6 @@ fn a_taken_port_exits_1() {
     assert!(stderr.contains(&addr), "{stderr}");
 }
 
-/// `meshdns demo` on 127.0.0.1:0; returns the child and the address it reported.
-fn start_demo(upstream: SocketAddr) -> (Child, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0", "--upstream", &upstream.to_string()])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn demo");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next());
-            if let Some(Ok(addr)) = addr.map(str::parse::<SocketAddr>) {
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx.recv_timeout(START_WAIT).expect("demo reported its address");
-    (child, addr)
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn dig(addr: SocketAddr, args: &[&str]) -> String {
     let out = Command::new("dig")
         .arg(format!("@{}", addr.ip()))
@@ -146,8 +108,14 @@ async fn dig_against_the_demo() {
         Behavior::Normal,
     )
     .await;
-    let (child, addr) = start_demo(upstream.addr);
-    let _guard = Killed(child);
+    let demo = Meshdns::start(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream.addr.to_string(),
+    ]);
+    let addr = demo.addr;
     let started = Instant::now();
 
     let cases: &[(&[&str], &str)] = &[

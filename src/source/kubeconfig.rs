@@ -4,11 +4,16 @@
 //! read a file of the pod: exec credential plugins, auth providers, and file paths.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use thiserror::Error;
 
+/// No response bytes for this long and a request is abandoned. kube sets no read timeout, so a
+/// hung list would hold a cluster unloaded forever; the API server sends watch bookmarks about
+/// once a minute, so a quiet but healthy watch stays well under this.
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// A kubeconfig is a few KiB even with embedded certificates; anything larger is not one.
 pub const MAX_KUBECONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -47,7 +52,11 @@ pub fn read_kubeconfig(path: &Path) -> Result<String, KubeconfigError> {
 pub fn parse_kubeconfig(text: &str, untrusted: bool) -> Result<Kubeconfig, KubeconfigError> {
     let config = Kubeconfig::from_yaml(text).map_err(|e| KubeconfigError::Parse(e.to_string()))?;
     // YAML accepts almost any text as some document; a kubeconfig must name a server.
-    if !config.clusters.iter().any(|c| c.cluster.as_ref().is_some_and(|c| c.server.is_some())) {
+    if !config
+        .clusters
+        .iter()
+        .any(|c| c.cluster.as_ref().is_some_and(|c| c.server.is_some()))
+    {
         return Err(KubeconfigError::Parse("no cluster with a server address".into()));
     }
     if untrusted {
@@ -73,7 +82,10 @@ pub fn check_untrusted(config: &Kubeconfig) -> Result<(), KubeconfigError> {
             return refuse(at("tokenFile"), "it reads a file of the pod; use an inline token");
         }
         if auth.client_certificate.is_some() {
-            return refuse(at("client-certificate"), "it reads a file of the pod; use client-certificate-data");
+            return refuse(
+                at("client-certificate"),
+                "it reads a file of the pod; use client-certificate-data",
+            );
         }
         if auth.client_key.is_some() {
             return refuse(at("client-key"), "it reads a file of the pod; use client-key-data");
@@ -94,15 +106,17 @@ pub fn check_untrusted(config: &Kubeconfig) -> Result<(), KubeconfigError> {
 /// A client for the kubeconfig's current context.
 pub async fn client_from_kubeconfig(config: Kubeconfig) -> Result<Client, KubeconfigError> {
     let options = KubeConfigOptions::default();
-    let config = kube::Config::from_custom_kubeconfig(config, &options)
+    let mut config = kube::Config::from_custom_kubeconfig(config, &options)
         .await
         .map_err(|e| KubeconfigError::Client(e.to_string()))?;
+    config.read_timeout = Some(API_READ_TIMEOUT);
     Client::try_from(config).map_err(|e| KubeconfigError::Client(e.to_string()))
 }
 
 /// A client through the pod's service account (`KUBERNETES_SERVICE_HOST`, token and CA).
 pub fn in_cluster_client() -> Result<Client, KubeconfigError> {
-    let config = kube::Config::incluster().map_err(|e| KubeconfigError::InCluster(e.to_string()))?;
+    let mut config = kube::Config::incluster().map_err(|e| KubeconfigError::InCluster(e.to_string()))?;
+    config.read_timeout = Some(API_READ_TIMEOUT);
     Client::try_from(config).map_err(|e| KubeconfigError::Client(e.to_string()))
 }
 
@@ -131,12 +145,20 @@ users:
     fn remote_secret_rules() {
         parse_kubeconfig(BASE, true).expect("inline token and CA are fine");
         let cases = [
-            ("token: abc", "exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1", "exec"),
+            (
+                "token: abc",
+                "exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1",
+                "exec",
+            ),
             ("token: abc", "auth-provider:\n      name: gcp", "auth-provider"),
             ("token: abc", "tokenFile: /var/run/secrets/token", "tokenFile"),
             ("token: abc", "client-certificate: /etc/cert.pem", "client-certificate"),
             ("token: abc", "client-key: /etc/key.pem", "client-key"),
-            ("certificate-authority-data: Zm9v", "certificate-authority: /etc/ca.pem", "certificate-authority"),
+            (
+                "certificate-authority-data: Zm9v",
+                "certificate-authority: /etc/ca.pem",
+                "certificate-authority",
+            ),
         ];
         for (from, to, field) in cases {
             let text = BASE.replace(from, to);

@@ -17,8 +17,8 @@ use tracing::warn;
 
 use super::{BoxFuture, ClusterSource};
 use crate::cluster::{
-    ClusterState, Endpoint, EndpointSlice, Ingress, LabelSelector, ObjectKey, PortProtocol, SERVICE_NAME_LABEL, Service,
-    ServiceKind, ServicePort,
+    ClusterState, Endpoint, EndpointSlice, Ingress, LabelSelector, ObjectKey, PortProtocol, SERVICE_NAME_LABEL,
+    Service, ServiceKind, ServicePort,
 };
 use crate::hub::ClusterHandle;
 
@@ -154,7 +154,13 @@ impl Folder {
                 true
             }
             Event::Apply(svc) => {
-                insert_service(&mut self.state.services, &mut self.state.gateways, &svc, &self.selector, cluster);
+                insert_service(
+                    &mut self.state.services,
+                    &mut self.state.gateways,
+                    &svc,
+                    &self.selector,
+                    cluster,
+                );
                 true
             }
             Event::Delete(svc) => {
@@ -218,7 +224,12 @@ fn insert_service(
             services.remove(&key);
         }
     }
-    let labels = svc.metadata.labels.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
+    let labels = svc
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()));
     if selector.matches(labels) {
         gateways.insert(key, gateway_ingress(svc, cluster));
     } else {
@@ -251,7 +262,10 @@ pub fn convert_service(svc: &K8sService) -> Result<Service, String> {
                 let parsed = ips
                     .iter()
                     .filter(|ip| !ip.is_empty())
-                    .map(|ip| ip.parse::<IpAddr>().map_err(|_| format!("spec.clusterIPs: {ip:?} is not an IP address")))
+                    .map(|ip| {
+                        ip.parse::<IpAddr>()
+                            .map_err(|_| format!("spec.clusterIPs: {ip:?} is not an IP address"))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 ServiceKind::ClusterIp(parsed)
             }
@@ -316,7 +330,12 @@ pub fn convert_slice(slice: &K8sEndpointSlice) -> Option<EndpointSlice> {
     if slice.address_type == "FQDN" {
         return None;
     }
-    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.to_ascii_lowercase();
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)?
+        .to_ascii_lowercase();
     let endpoints = slice
         .endpoints
         .iter()
@@ -383,7 +402,10 @@ mod tests {
         assert!(f.fold_service(Event::InitDone, "c"));
         assert!(f.listed());
         assert_eq!(f.state.services.len(), 2);
-        assert_eq!(f.state.gateway_addresses(), vec![Ingress::Ip("34.1.1.1".parse().unwrap())]);
+        assert_eq!(
+            f.state.gateway_addresses(),
+            vec![Ingress::Ip("34.1.1.1".parse().unwrap())]
+        );
 
         f.fold_service(Event::Apply(svc("a", "two", &["10.0.0.2", "fd00::2"])), "c");
         f.fold_service(Event::Delete(svc("a", "one", &[])), "c");
@@ -406,7 +428,10 @@ mod tests {
         assert_eq!(convert_service(&headless).unwrap().kind, ServiceKind::Headless);
         headless.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
         headless.spec.as_mut().unwrap().external_name = Some("Example.COM.".into());
-        assert_eq!(convert_service(&headless).unwrap().kind, ServiceKind::ExternalName("example.com".into()));
+        assert_eq!(
+            convert_service(&headless).unwrap().kind,
+            ServiceKind::ExternalName("example.com".into())
+        );
         assert!(convert_service(&svc("a", "bad", &["10.0.0.x"])).is_err());
         assert!(convert_service(&svc("a", "", &["10.0.0.1"])).is_err());
 

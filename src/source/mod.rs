@@ -3,8 +3,8 @@
 //! whether the state came from a file, the binary itself or (later) a live API server.
 
 pub mod dump;
-pub mod live;
 pub mod kubeconfig;
+pub mod live;
 pub mod secrets;
 
 use std::future::Future;

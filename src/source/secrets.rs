@@ -57,7 +57,12 @@ impl RemoteSecrets {
         let Some(entries) = read_entries(&self.dir) else {
             return;
         };
-        let gone: Vec<String> = self.running.keys().filter(|n| !entries.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !entries.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(run) = self.running.remove(&name) {
                 if let Some(task) = run.task {
@@ -108,7 +113,9 @@ impl RemoteSecrets {
             source: format!("remote secret {}", self.dir.join(name).display()),
         });
         info!(cluster = %name, "remote cluster added from remote secret");
-        Ok(tokio::spawn(Box::new(KubeSource::from_parts(client, selector)).run(handle)))
+        Ok(tokio::spawn(
+            Box::new(KubeSource::from_parts(client, selector)).run(handle),
+        ))
     }
 
     /// Rescans on every change of the directory, and every [`SECRETS_POLL`] regardless.

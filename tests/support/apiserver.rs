@@ -64,8 +64,9 @@ const REQUEST_LOG_LIMIT: usize = 100_000;
 /// when the client sends no `timeoutSeconds`.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
-/// Labels the endpointslice controller puts on every slice it manages.
+/// The endpointslice controller's link from a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Set (empty) by the controller on slices of headless Services only.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 /// Deliberately not JSON, and not a truncated JSON prefix either: kube-client
@@ -88,7 +89,10 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// The first value of a query parameter, percent-decoded.
     pub fn param(&self, name: &str) -> Option<String> {
-        parse_query(&self.query).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        parse_query(&self.query)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
     }
 
     pub fn is_watch(&self) -> bool {
@@ -352,7 +356,10 @@ impl FakeApiServer {
     pub async fn start() -> FakeApiServer {
         let std_listener =
             StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the fake apiserver on 127.0.0.1:0");
-        let port = std_listener.local_addr().expect("local addr of a bound listener").port();
+        let port = std_listener
+            .local_addr()
+            .expect("local addr of a bound listener")
+            .port();
         let listener = into_tokio_listener(std_listener).expect("register the fake apiserver listener");
         let serial = NEXT_SERVER.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::new(Inner {
@@ -544,9 +551,8 @@ impl FakeApiServer {
             match StdTcpListener::bind(addr) {
                 Ok(listener) => break listener,
                 // The port can linger briefly after the close in `stop()`.
-                Err(err) if attempt < 100 => {
+                Err(_) if attempt < 100 => {
                     attempt += 1;
-                    let _ = err;
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(err) => panic!("FakeApiServer::restart: rebinding {addr}: {err}"),
@@ -844,7 +850,11 @@ fn get_object(inner: &Inner, kind: Kind, namespace: &str, name: &str, meta_only:
     let found = lock(&inner.store).objects.get(&key).cloned();
     match found {
         Some(obj) => json_response(StatusCode::OK, &Rendered::new(&obj, kind, meta_only, true)),
-        None => status_response(404, "NotFound", &format!("{}s \"{name}\" not found", kind.kind().to_lowercase())),
+        None => status_response(
+            404,
+            "NotFound",
+            &format!("{}s \"{name}\" not found", kind.kind().to_lowercase()),
+        ),
     }
 }
 
@@ -888,7 +898,7 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() + 1 && i + 2 <= bytes.len() - 1 => {
+            b'%' if i + 2 < bytes.len() => {
                 let hex = |b: u8| (b as char).to_digit(16);
                 match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                     (Some(hi), Some(lo)) => {
@@ -1008,11 +1018,17 @@ impl LabelSelector {
         }
         let split = |op: &str| term.split_once(op).map(|(k, v)| (k.trim(), v.trim()));
         if let Some((key, value)) = split("!=") {
-            let pair = (label_key(key).ok_or_else(invalid)?, label_value(value).ok_or_else(invalid)?);
+            let pair = (
+                label_key(key).ok_or_else(invalid)?,
+                label_value(value).ok_or_else(invalid)?,
+            );
             return Ok(Requirement::NotEquals(pair.0, pair.1));
         }
         if let Some((key, value)) = split("==").or_else(|| split("=")) {
-            let pair = (label_key(key).ok_or_else(invalid)?, label_value(value).ok_or_else(invalid)?);
+            let pair = (
+                label_key(key).ok_or_else(invalid)?,
+                label_value(value).ok_or_else(invalid)?,
+            );
             return Ok(Requirement::Equals(pair.0, pair.1));
         }
         Ok(Requirement::Exists(label_key(term).ok_or_else(invalid)?))
@@ -1165,10 +1181,10 @@ async fn collection(
     }
 }
 
-fn parse_rv(value: &str) -> Result<u64, Response<Body>> {
+fn parse_rv(value: &str) -> Result<u64, String> {
     value
         .parse()
-        .map_err(|_| bad_request(&format!("invalid resource version: {value:?}")))
+        .map_err(|_| format!("invalid resource version: {value:?}"))
 }
 
 fn too_old(requested: u64, oldest: u64) -> String {
@@ -1203,7 +1219,7 @@ fn list(inner: &Inner, filter: &Filter, query: &Query, meta_only: bool) -> Respo
         if let Some(requested) = query.non_empty("resourceVersion").filter(|rv| *rv != "0") {
             let requested = match parse_rv(requested) {
                 Ok(rv) => rv,
-                Err(response) => return response,
+                Err(message) => return bad_request(&message),
             };
             let exact = query.get("resourceVersionMatch") == Some("Exact");
             if requested > store.rv {
@@ -1228,7 +1244,11 @@ fn list(inner: &Inner, filter: &Filter, query: &Query, meta_only: bool) -> Respo
     };
 
     let offset = offset.min(items.len());
-    let end = if limit == 0 { items.len() } else { offset.saturating_add(limit).min(items.len()) };
+    let end = if limit == 0 {
+        items.len()
+    } else {
+        offset.saturating_add(limit).min(items.len())
+    };
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if end < items.len() {
         let id = snapshot_id.unwrap_or_else(|| {
@@ -1270,7 +1290,10 @@ fn encode_continue(snapshot: u64, offset: usize) -> String {
 
 fn decode_continue(token: &str) -> Option<(u64, usize)> {
     let (snapshot, offset) = token.strip_prefix("fake-")?.split_once('-')?;
-    Some((u64::from_str_radix(snapshot, 16).ok()?, usize::from_str_radix(offset, 16).ok()?))
+    Some((
+        u64::from_str_radix(snapshot, 16).ok()?,
+        usize::from_str_radix(offset, 16).ok()?,
+    ))
 }
 
 struct WatchSpec {
@@ -1294,7 +1317,7 @@ fn start_watch(inner: &Arc<Inner>, filter: Filter, query: &Query, meta_only: boo
         None => None,
         Some(rv) => match parse_rv(rv) {
             Ok(rv) => Some(rv),
-            Err(response) => return response,
+            Err(message) => return bad_request(&message),
         },
     };
     let bookmarks = query.flag("allowWatchBookmarks");
@@ -1321,7 +1344,8 @@ fn start_watch(inner: &Arc<Inner>, filter: Filter, query: &Query, meta_only: boo
     };
     let (tx, rx) = mpsc::channel(16);
     inner.open_watches.fetch_add(1, Ordering::SeqCst);
-    tokio::spawn(run_watch(inner.clone(), spec, tx));
+    let open = OpenWatch(inner.clone());
+    tokio::spawn(run_watch(open, spec, tx));
     let mut response = Response::new(BodyExt::boxed_unsync(WatchBody(rx)));
     response
         .headers_mut()
@@ -1395,8 +1419,6 @@ fn plan(store: &Store, spec: &WatchSpec, cursor: &mut Option<u64>, seen: &mut Ep
         return Step::Hang;
     }
     let mut out = Vec::new();
-    let render = |obj: &Value| Rendered::new(obj, spec.filter.kind, spec.meta_only, true).serialize(Value::Null);
-    let _ = render;
     if store.epochs.expire != seen.expire {
         let requested = cursor.unwrap_or(0);
         push_event(
@@ -1434,7 +1456,11 @@ fn plan(store: &Store, spec: &WatchSpec, cursor: &mut Option<u64>, seen: &mut Ep
             let start = store.history.partition_point(|c| c.rv <= from);
             for change in store.history.range(start..) {
                 if let Some((kind, obj)) = spec.filter.view(change) {
-                    push_event(&mut out, kind, Rendered::new(&obj, spec.filter.kind, spec.meta_only, true));
+                    push_event(
+                        &mut out,
+                        kind,
+                        Rendered::new(&obj, spec.filter.kind, spec.meta_only, true),
+                    );
                 }
             }
             *cursor = Some(from.max(store.rv));
@@ -1451,17 +1477,23 @@ fn plan(store: &Store, spec: &WatchSpec, cursor: &mut Option<u64>, seen: &mut Ep
     Step::Send(out, false)
 }
 
-async fn run_watch(inner: Arc<Inner>, spec: WatchSpec, tx: mpsc::Sender<io::Result<Bytes>>) {
-    let _open = OpenWatch(inner.clone());
+async fn run_watch(open: OpenWatch, spec: WatchSpec, tx: mpsc::Sender<io::Result<Bytes>>) {
+    let inner = &open.0;
     let mut changed = inner.changed.subscribe();
     let deadline = tokio::time::Instant::now() + spec.timeout;
     let mut cursor = spec.from;
     let mut seen = spec.epochs;
     let mut bookmark_due = false;
+    // A fixed schedule rather than an idle timer, so a busy stream still
+    // gets its periodic bookmarks, as from a real server.
+    let mut bookmark_at: Option<tokio::time::Instant> = None;
     loop {
         let (step, interval) = {
             let store = lock(&inner.store);
-            (plan(&store, &spec, &mut cursor, &mut seen, bookmark_due), store.bookmark_interval)
+            (
+                plan(&store, &spec, &mut cursor, &mut seen, bookmark_due),
+                store.bookmark_interval,
+            )
         };
         let hanging = match step {
             Step::Abort => {
@@ -1475,15 +1507,18 @@ async fn run_watch(inner: Arc<Inner>, spec: WatchSpec, tx: mpsc::Sender<io::Resu
                 if end {
                     return;
                 }
+                if bookmark_due || bookmark_at.is_none() {
+                    bookmark_at = Some(tokio::time::Instant::now() + interval);
+                }
                 bookmark_due = false;
                 false
             }
             Step::Hang => true,
         };
-        let next_bookmark = tokio::time::sleep(interval);
+        let next_bookmark = bookmark_at.unwrap_or(deadline);
         tokio::select! {
             changed = changed.changed() => if changed.is_err() { return },
-            _ = next_bookmark, if !hanging && spec.bookmarks => bookmark_due = true,
+            _ = tokio::time::sleep_until(next_bookmark), if !hanging && spec.bookmarks => bookmark_due = true,
             _ = tokio::time::sleep_until(deadline), if !hanging => return,
             _ = tx.closed() => return,
         }
@@ -1494,12 +1529,7 @@ fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_owned()),
         namespace: Some(namespace.to_owned()),
-        labels: (!labels.is_empty()).then(|| {
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
-        }),
+        labels: (!labels.is_empty()).then(|| labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
         ..ObjectMeta::default()
     }
 }
@@ -1546,7 +1576,9 @@ pub fn headless_service(namespace: &str, name: &str) -> Service {
 pub fn gateway_service(namespace: &str, name: &str, labels: &[(&str, &str)], ingress_ips: &[&str]) -> Service {
     // Any stable, plausible ClusterIP will do; derive it from the name so two
     // gateways differ.
-    let hash = name.bytes().fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+    let hash = name
+        .bytes()
+        .fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
     let cluster_ip = format!("10.96.{}.{}", (hash >> 8) & 0xff, (hash & 0xfe) | 1);
     Service {
         metadata: meta(namespace, name, labels),
@@ -1590,7 +1622,10 @@ pub fn endpoint_slice(
             &[
                 (SERVICE_NAME_LABEL, service),
                 (HEADLESS_LABEL, ""),
-                ("endpointslice.kubernetes.io/managed-by", "endpointslice-controller.k8s.io"),
+                (
+                    "endpointslice.kubernetes.io/managed-by",
+                    "endpointslice-controller.k8s.io",
+                ),
             ],
         ),
         address_type: if ipv6 { "IPv6" } else { "IPv4" }.to_owned(),

@@ -2,6 +2,8 @@
 //! different subset, hence the blanket `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod dns;
+pub mod process;
 pub mod proxy;
 pub mod upstream;

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use meshdns::app::App;
 use meshdns::config::{Config, Overrides};
@@ -95,29 +95,37 @@ pub struct Proxy {
     pub dir: TempDir,
 }
 
+/// Where a test cluster's state comes from.
+pub enum Src {
+    Dump(Dump),
+    /// A kubeconfig (YAML text) of a fake API server: a live cluster.
+    Kubeconfig(String),
+}
+
+pub struct Spec {
+    pub name: &'static str,
+    pub local: bool,
+    pub src: Src,
+}
+
 impl Proxy {
     /// Starts meshdns on 127.0.0.1:0 with these clusters, forwarding to `upstreams`.
     pub async fn start(clusters: &[ClusterSpec], upstreams: &[SocketAddr], extra_yaml: &str) -> Proxy {
+        let specs: Vec<Spec> = clusters
+            .iter()
+            .map(|c| Spec {
+                name: c.name,
+                local: c.local,
+                src: Src::Dump(c.dump.clone()),
+            })
+            .collect();
+        Self::start_specs(&specs, upstreams, extra_yaml).await
+    }
+
+    /// Like [`Proxy::start`], with live clusters among the dumps.
+    pub async fn start_specs(clusters: &[Spec], upstreams: &[SocketAddr], extra_yaml: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = String::from("listen: [\"127.0.0.1:0\"]\nresolvConf: resolv.conf\n");
-        config.push_str("upstreamTimeout: 300ms\nupstreamDeadline: 900ms\n");
-        let ups: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
-        let _ = writeln!(config, "upstreams: [{}]", ups.join(", "));
-        config.push_str(extra_yaml);
-        config.push_str("clusters:\n");
-        for c in clusters {
-            std::fs::write(dir.path().join(format!("{}.yaml", c.name)), c.dump.yaml()).expect("write dump");
-            let _ = writeln!(
-                config,
-                "  - name: {}\n    local: {}\n    objects: {}.yaml",
-                c.name, c.local, c.name
-            );
-        }
-        // The resolv.conf nameserver is never used: upstreams are explicit and on loopback.
-        let resolv = format!("nameserver 127.0.0.1\nsearch {}\noptions ndots:5\n", SEARCH.join(" "));
-        std::fs::write(dir.path().join("resolv.conf"), resolv).expect("write resolv.conf");
-        let path = dir.path().join("meshdns.yaml");
-        std::fs::write(&path, config).expect("write config");
+        let path = write_config(dir.path(), clusters, upstreams, extra_yaml);
         let config = Config::load(&path, &Overrides::default()).expect("config loads");
         let app = App::start(&config).await.expect("meshdns starts");
         let addr = app.dns_addrs()[0];
@@ -127,4 +135,33 @@ impl Proxy {
     pub fn dump_path(&self, cluster: &str) -> PathBuf {
         self.dir.path().join(format!("{cluster}.yaml"))
     }
+}
+
+/// Writes dumps, kubeconfigs, resolv.conf and `meshdns.yaml` into `dir`; returns the config path.
+pub fn write_config(dir: &Path, clusters: &[Spec], upstreams: &[SocketAddr], extra_yaml: &str) -> PathBuf {
+    let mut config = String::from("listen: [\"127.0.0.1:0\"]\nresolvConf: resolv.conf\n");
+    config.push_str("upstreamTimeout: 300ms\nupstreamDeadline: 900ms\n");
+    let ups: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+    let _ = writeln!(config, "upstreams: [{}]", ups.join(", "));
+    config.push_str(extra_yaml);
+    config.push_str("clusters:\n");
+    for c in clusters {
+        let _ = writeln!(config, "  - name: {}\n    local: {}", c.name, c.local);
+        match &c.src {
+            Src::Dump(dump) => {
+                std::fs::write(dir.join(format!("{}.yaml", c.name)), dump.yaml()).expect("write dump");
+                let _ = writeln!(config, "    objects: {}.yaml", c.name);
+            }
+            Src::Kubeconfig(text) => {
+                std::fs::write(dir.join(format!("{}.kubeconfig", c.name)), text).expect("write kubeconfig");
+                let _ = writeln!(config, "    kubeconfig: {}.kubeconfig", c.name);
+            }
+        }
+    }
+    // The resolv.conf nameserver is never used: upstreams are explicit and on loopback.
+    let resolv = format!("nameserver 127.0.0.1\nsearch {}\noptions ndots:5\n", SEARCH.join(" "));
+    std::fs::write(dir.join("resolv.conf"), resolv).expect("write resolv.conf");
+    let path = dir.join("meshdns.yaml");
+    std::fs::write(&path, config).expect("write config");
+    path
 }
