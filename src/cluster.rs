@@ -102,6 +102,8 @@ pub struct EndpointSlice {
     /// The Service this slice belongs to (label `kubernetes.io/service-name`), lowercase.
     pub service: String,
     pub endpoints: Vec<Endpoint>,
+    /// The endpoints' ports (target ports), by name and protocol, for SRV answers.
+    pub ports: Vec<ServicePort>,
 }
 
 /// Everything meshdns knows about one cluster at one moment.

@@ -3,12 +3,14 @@
 //! testable without sockets.
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use std::net::{IpAddr, Ipv6Addr};
+
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use crate::name_key::{KeyBuf, ancestors, to_name};
+use crate::name_key::{KeyBuf, to_name};
 use crate::table::{Entry, EntryData, Table};
 
 /// Which rule produced a local answer; used for logs and metrics labels.
@@ -44,6 +46,8 @@ pub struct LocalAnswer {
     pub answers: Vec<Record>,
     /// The zone's SOA for the authority section of negative answers (RFC 2308).
     pub soa: Option<Record>,
+    /// Records for the additional section (the addresses of SRV targets).
+    pub additionals: Vec<Record>,
     /// The answer ends in a CNAME to a name the table does not hold; its addresses of the
     /// asked type must come from upstream so that stub resolvers get them in one answer.
     pub chase: Option<Name>,
@@ -64,7 +68,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
         return answer_entry(table, qname, entry, qtype, Vec::new(), Rule::Table);
     }
     if !table.cluster_domain().zone_of(qname) {
-        return Resolution::Forward;
+        return reverse(table, qname, qtype);
     }
     if let Some((canonical, entry)) = search_shortcut(table, qname) {
         let alias = record(qname.clone(), table.ttl(), RData::CNAME(CNAME(canonical.clone())));
@@ -86,7 +90,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
             None,
         );
     }
-    if below_delegated(table, key.as_bytes()) || !table.all_loaded() {
+    if !table.all_loaded() {
         return Resolution::Forward;
     }
     local(
@@ -115,11 +119,7 @@ fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entr
             if candidate.push_key(suffix).is_none() {
                 continue;
             }
-            let Some(entry) = table.get_key(candidate.as_bytes()) else {
-                continue;
-            };
-            // Delegated names are answered by the cluster's DNS; a shortcut would hide them.
-            if *entry.data != EntryData::Delegated {
+            if let Some(entry) = table.get_key(candidate.as_bytes()) {
                 return Some((to_name(candidate.as_bytes())?, entry));
             }
         }
@@ -127,8 +127,49 @@ fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entr
     None
 }
 
-fn below_delegated(table: &Table, key: &[u8]) -> bool {
-    ancestors(key).any(|parent| table.get_key(parent).is_some_and(|e| *e.data == EntryData::Delegated))
+/// PTR for the reverse name of a local ClusterIP or headless endpoint IP; every other name
+/// outside the cluster domain, other reverse names included, goes upstream. Gateway addresses
+/// get no PTR: many services share them.
+fn reverse(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
+    let Some(target) = reverse_ip(qname).and_then(|ip| table.ptr(&ip)) else {
+        return Resolution::Forward;
+    };
+    if matches!(qtype, RecordType::PTR | RecordType::ANY) {
+        let answer = record(qname.clone(), table.ttl(), RData::PTR(PTR(target.clone())));
+        return local(Rule::Table, ResponseCode::NoError, vec![answer], None, None);
+    }
+    local(Rule::NoData, ResponseCode::NoError, Vec::new(), Some(table.soa().clone()), None)
+}
+
+/// The address of a full-length `in-addr.arpa` or nibble-form `ip6.arpa` name.
+pub fn reverse_ip(qname: &Name) -> Option<IpAddr> {
+    let labels: Vec<&[u8]> = qname.iter().collect();
+    let (digits, zone) = labels.split_at(labels.len().checked_sub(2)?);
+    let [first, second] = zone else { return None };
+    let text = |l: &[u8]| std::str::from_utf8(l).ok().map(str::to_ascii_lowercase);
+    match (text(first)?.as_str(), text(second)?.as_str()) {
+        ("in-addr", "arpa") if digits.len() == 4 => {
+            let mut octets = [0u8; 4];
+            for (octet, label) in octets.iter_mut().rev().zip(digits) {
+                let s = std::str::from_utf8(label).ok()?;
+                // Reject forms like "010" that would alias another name.
+                if s.len() > 1 && s.starts_with('0') {
+                    return None;
+                }
+                *octet = s.parse().ok()?;
+            }
+            Some(IpAddr::from(octets))
+        }
+        ("ip6", "arpa") if digits.len() == 32 => {
+            let mut value: u128 = 0;
+            for label in digits.iter().rev() {
+                let [nibble] = label else { return None };
+                value = (value << 4) | u128::from(char::from(*nibble).to_digit(16)?);
+            }
+            Some(IpAddr::from(Ipv6Addr::from(value)))
+        }
+        _ => None,
+    }
 }
 
 fn answer_entry(
@@ -141,7 +182,6 @@ fn answer_entry(
 ) -> Resolution {
     let ttl = table.ttl();
     match &*entry.data {
-        EntryData::Delegated => Resolution::Forward,
         EntryData::Alias(target) => {
             answers.push(record(owner.clone(), ttl, RData::CNAME(CNAME(target.clone()))));
             let chase = matches!(qtype, RecordType::A | RecordType::AAAA).then(|| target.clone());
@@ -164,6 +204,27 @@ fn answer_entry(
             }
             local(rule, ResponseCode::NoError, answers, None, None)
         }
+        EntryData::Srv(targets) if matches!(qtype, RecordType::SRV | RecordType::ANY) => {
+            let mut additionals = Vec::new();
+            for t in targets {
+                // Weight spreads load evenly over the targets, as CoreDNS does.
+                let weight = u16::try_from(100 / targets.len().max(1)).unwrap_or(100);
+                answers.push(record(owner.clone(), ttl, RData::SRV(SRV::new(0, weight, t.port, t.target.clone()))));
+                additionals.extend(t.v4.iter().map(|ip| record(t.target.clone(), ttl, RData::A(A(*ip)))));
+                additionals.extend(t.v6.iter().map(|ip| record(t.target.clone(), ttl, RData::AAAA(AAAA(*ip)))));
+            }
+            let mut answer = LocalAnswer::new(rule, ResponseCode::NoError, answers, None, None);
+            answer.additionals = additionals;
+            Resolution::Local(Box::new(answer))
+        }
+        EntryData::Txt(strings) if matches!(qtype, RecordType::TXT | RecordType::ANY) => {
+            answers.push(record(owner.clone(), ttl, RData::TXT(TXT::new(strings.clone()))));
+            local(rule, ResponseCode::NoError, answers, None, None)
+        }
+        EntryData::Srv(_) | EntryData::Txt(_) => {
+            let rule = if rule == Rule::Table { Rule::NoData } else { rule };
+            local(rule, ResponseCode::NoError, answers, Some(table.soa().clone()), None)
+        }
     }
 }
 
@@ -174,13 +235,20 @@ fn local(
     soa: Option<Record>,
     chase: Option<Name>,
 ) -> Resolution {
-    Resolution::Local(Box::new(LocalAnswer {
-        rule,
-        rcode,
-        answers,
-        soa,
-        chase,
-    }))
+    Resolution::Local(Box::new(LocalAnswer::new(rule, rcode, answers, soa, chase)))
+}
+
+impl LocalAnswer {
+    fn new(rule: Rule, rcode: ResponseCode, answers: Vec<Record>, soa: Option<Record>, chase: Option<Name>) -> Self {
+        Self {
+            rule,
+            rcode,
+            answers,
+            soa,
+            additionals: Vec::new(),
+            chase,
+        }
+    }
 }
 
 fn record(name: Name, ttl: u32, rdata: RData) -> Record {
@@ -269,22 +337,33 @@ mod tests {
     }
 
     #[test]
-    fn delegated_names_and_names_below_them_are_forwarded() {
+    fn headless_without_endpoints_does_not_exist_and_reverse_names_parse() {
         let t = table(true, &["a.svc.cluster.local"]);
-        for name in [
-            "db.a.svc.cluster.local",
-            "db-0.db.a.svc.cluster.local",
-            "x.y.db.a.svc.cluster.local",
-        ] {
-            assert_eq!(
-                resolve(&t, &fqdn(name).unwrap(), RecordType::A),
-                Resolution::Forward,
-                "{name}"
-            );
+        for name in ["db.a.svc.cluster.local", "db-0.db.a.svc.cluster.local"] {
+            let res = resolve(&t, &fqdn(name).unwrap(), RecordType::A);
+            assert!(matches!(&res, Resolution::Local(a) if a.rule == Rule::NxDomain), "{name}: {res:?}");
         }
-        // A shortcut never points at a delegated name: the cluster's DNS walks those itself.
-        let short = fqdn("db.a.a.svc.cluster.local").unwrap();
-        assert!(matches!(resolve(&t, &short, RecordType::A), Resolution::Local(a) if a.rule == Rule::NxDomain));
+        let cases = [
+            ("10.3.76.10.in-addr.arpa.", Some("10.76.3.10")),
+            ("1.0.0.10.IN-ADDR.ARPA.", Some("10.0.0.1")),
+            ("3.76.10.in-addr.arpa.", None),
+            ("010.3.76.10.in-addr.arpa.", None),
+            ("256.3.76.10.in-addr.arpa.", None),
+            (
+                "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+                Some("fd00::5"),
+            ),
+            ("5.0.ip6.arpa.", None),
+            ("example.com.", None),
+        ];
+        for (name, want) in cases {
+            let got = reverse_ip(&Name::from_ascii(name).unwrap());
+            assert_eq!(got, want.map(|w| w.parse().unwrap()), "{name}");
+        }
+        let ptr = resolve(&t, &Name::from_ascii("1.0.0.10.in-addr.arpa.").unwrap(), RecordType::PTR);
+        assert_eq!(first_answer(&ptr).as_deref(), Some("web.a.svc.cluster.local."));
+        let other = resolve(&t, &Name::from_ascii("9.9.9.9.in-addr.arpa.").unwrap(), RecordType::PTR);
+        assert_eq!(other, Resolution::Forward, "reverse names meshdns does not own go upstream");
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use hickory_proto::rr::rdata::SOA;
 use hickory_proto::rr::{Name, RData, Record};
 
-use crate::cluster::{ClusterState, Ingress, ObjectKey, ServiceKind};
-use crate::name_key::{KeyBuf, to_name};
+use crate::cluster::{ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort};
+use crate::name_key::{KeyBuf, ancestors, to_name};
 
 /// SOA timers other than the minimum; resolvers only use the minimum for negative caching,
 /// but the values must be sane for tools that print them. They follow CoreDNS's defaults.
@@ -25,14 +25,27 @@ const SOA_EXPIRE: i32 = 86_400;
 pub enum EntryData {
     /// Addresses per family; an empty family is answered NODATA.
     Addresses { v4: Vec<Ipv4Addr>, v6: Vec<Ipv6Addr> },
-    /// The name is an alias (CNAME) of another name outside the table, e.g. a gateway whose
-    /// load balancer is given as a host name.
+    /// The name is an alias (CNAME) of another name: an ExternalName service, or a gateway
+    /// whose load balancer is given as a host name.
     Alias(Name),
-    /// The name exists in the local cluster but meshdns does not hold its records (headless and
-    /// ExternalName services until they are modelled): queries go to the cluster's own DNS,
-    /// and nothing below it is denied locally.
-    Delegated,
+    /// The SRV records of one `_<port>._<proto>.<svc>` name; the targets' addresses go in the
+    /// additional section.
+    Srv(Vec<SrvTarget>),
+    /// TXT strings (`dns-version.<zone>`).
+    Txt(Vec<String>),
 }
+
+/// One SRV record and the addresses of its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SrvTarget {
+    pub port: u16,
+    pub target: Name,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+/// The Kubernetes DNS schema version meshdns implements (kubernetes/dns specification.md).
+pub const DNS_SCHEMA_VERSION: &str = "1.1.0";
 
 /// Why a name is in the table, for logs and debugging.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +95,8 @@ pub struct Table {
     /// Names that exist only because table names lie below them (`<ns>.svc.<zone>`,
     /// `svc.<zone>`): they have no records but must not be denied (RFC 8020).
     empty_non_terminals: HashSet<Box<[u8]>>,
+    /// Reverse names: local ClusterIPs and local headless endpoint IPs, to the name they serve.
+    ptr: HashMap<IpAddr, Name>,
     cluster_domain: Name,
     svc_zone: Name,
     search: Vec<Name>,
@@ -109,102 +124,52 @@ impl Table {
     }
 
     /// Builds the table from every cluster's state. This runs on every change, so it avoids
-    /// per-service work that can be shared: names are built once, and remote services held by
+    /// per-service work that can be shared: keys are built once, and remote services held by
     /// the same set of clusters share one answer.
     pub fn build(settings: &TableSettings, clusters: &[ClusterInput<'_>], generation: u64) -> (Self, BuildReport) {
-        let mut report = BuildReport::default();
         let cluster_domain = fqdn(&settings.cluster_domain).unwrap_or_else(Name::root);
         let svc_zone = Name::from_ascii("svc")
             .ok()
             .and_then(|svc| svc.append_domain(&cluster_domain).ok())
             .unwrap_or_else(|| cluster_domain.clone());
-        let cluster_names: Vec<Arc<str>> = clusters.iter().map(|c| Arc::from(c.name)).collect();
-
         let capacity = clusters.iter().map(|c| c.state.services.len()).max().unwrap_or(0);
-        let svc_key = KeyBuf::from_name(&svc_zone).unwrap_or_default();
-        let mut entries: HashMap<Box<[u8]>, Entry> = HashMap::with_capacity(capacity);
-        let mut namespaces: HashSet<&str> = HashSet::new();
+        let mut b = Builder {
+            svc_key: KeyBuf::from_name(&svc_zone).unwrap_or_default(),
+            entries: HashMap::with_capacity(capacity),
+            ents: HashSet::new(),
+            ptr: HashMap::new(),
+            report: BuildReport::default(),
+        };
+        let cluster_names: Vec<Arc<str>> = clusters.iter().map(|c| Arc::from(c.name)).collect();
 
         // Local services win over remote copies, so they go first and remotes fill the gaps.
         for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| c.local) {
-            let origin = Origin::Local {
-                cluster: Arc::clone(&cluster_names[i]),
+            b.local_cluster(cluster.state, &cluster_names[i]);
+        }
+        b.remote_clusters(clusters, &cluster_names);
+        if !b.entries.is_empty() {
+            b.ents.insert(b.svc_key.to_boxed());
+        }
+        if let Some(version) = Name::from_labels([&b"dns-version"[..]])
+            .ok()
+            .and_then(|n| n.append_domain(&cluster_domain).ok())
+            .and_then(|n| KeyBuf::from_name(&n))
+        {
+            let entry = Entry {
+                data: Arc::new(EntryData::Txt(vec![DNS_SCHEMA_VERSION.to_string()])),
+                origin: Origin::Local {
+                    cluster: Arc::from("meshdns"),
+                },
             };
-            for (key, svc) in &cluster.state.services {
-                let Some(name) = service_key(key, &svc_key) else {
-                    report.skipped.insert(key.to_string());
-                    continue;
-                };
-                namespaces.insert(&key.namespace);
-                let data = match &svc.kind {
-                    ServiceKind::ClusterIp(ips) => addresses(ips.iter().copied()),
-                    ServiceKind::Headless | ServiceKind::ExternalName(_) => EntryData::Delegated,
-                };
-                let entry = Entry {
-                    data: Arc::new(data),
-                    origin: origin.clone(),
-                };
-                entries.insert(name.to_boxed(), entry);
-            }
+            b.entries.insert(version.to_boxed(), entry);
         }
-
-        // Remote-only services: which clusters hold each one (in cluster order)...
-        let mut remote: HashMap<Box<[u8]>, Vec<u16>> = HashMap::with_capacity(capacity);
-        for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| !c.local) {
-            let Ok(index) = u16::try_from(i) else { break };
-            for (key, svc) in &cluster.state.services {
-                // An ExternalName alias is resolved by each cluster's DNS; the gateway does not
-                // route to it, so a remote one makes nothing reachable.
-                if matches!(svc.kind, ServiceKind::ExternalName(_)) {
-                    continue;
-                }
-                let Some(name) = service_key(key, &svc_key) else {
-                    report.skipped.insert(key.to_string());
-                    continue;
-                };
-                if entries.contains_key(name.as_bytes()) {
-                    continue;
-                }
-                match remote.get_mut(name.as_bytes()) {
-                    Some(holders) => holders.push(index),
-                    None => {
-                        namespaces.insert(&key.namespace);
-                        remote.insert(name.to_boxed(), vec![index]);
-                    }
-                }
-            }
-        }
-        // ...and one answer per distinct set of holders, shared by every service it covers.
-        let gateways: Vec<Vec<Ingress>> = clusters
-            .iter()
-            .map(|c| match c.gateway_override {
-                Some(addrs) => addrs.to_vec(),
-                None => c.state.gateway_addresses(),
-            })
-            .collect();
-        let mut answers: HashMap<Vec<u16>, Option<Entry>> = HashMap::new();
-        for (name, holders) in remote {
-            let entry = answers
-                .entry(holders)
-                .or_insert_with_key(|holders| remote_entry(holders, &gateways, &cluster_names, &mut report));
-            if let Some(entry) = entry {
-                entries.insert(name, entry.clone());
-            }
-        }
-
-        // Every namespace with a table name, and the svc zone itself, exist as empty
-        // non-terminals.
-        let mut empty_non_terminals: HashSet<Box<[u8]>> = namespaces
-            .iter()
-            .filter_map(|ns| {
-                let mut key = KeyBuf::from_labels([ns.as_bytes()])?;
-                key.push_key(svc_key.as_bytes())?;
-                Some(key.to_boxed())
-            })
-            .collect();
-        if !entries.is_empty() {
-            empty_non_terminals.insert(svc_key.to_boxed());
-        }
+        let Builder {
+            entries,
+            ents: empty_non_terminals,
+            ptr,
+            report,
+            ..
+        } = b;
 
         let search: Vec<Name> = settings
             .search
@@ -221,6 +186,7 @@ impl Table {
         let table = Self {
             entries,
             empty_non_terminals,
+            ptr,
             cluster_domain,
             svc_zone,
             search,
@@ -240,6 +206,11 @@ impl Table {
     /// Lookup by [`crate::name_key`] key: the hot path, no allocation.
     pub fn get_key(&self, key: &[u8]) -> Option<&Entry> {
         self.entries.get(key)
+    }
+
+    /// The name a local ClusterIP or headless endpoint IP serves.
+    pub fn ptr(&self, ip: &IpAddr) -> Option<&Name> {
+        self.ptr.get(ip)
     }
 
     pub fn is_empty_non_terminal(&self, key: &[u8]) -> bool {
@@ -294,6 +265,243 @@ impl Table {
     /// Every entry with its name.
     pub fn iter(&self) -> impl Iterator<Item = (Option<Name>, &Entry)> {
         self.entries.iter().map(|(k, e)| (to_name(k), e))
+    }
+}
+
+/// The table under construction.
+struct Builder {
+    svc_key: KeyBuf,
+    entries: HashMap<Box<[u8]>, Entry>,
+    ents: HashSet<Box<[u8]>>,
+    ptr: HashMap<IpAddr, Name>,
+    report: BuildReport,
+}
+
+impl Builder {
+    /// The key of `<svc>.<ns>.svc.<zone>`, or `None` (reported) for unusable names.
+    fn service_key(&mut self, key: &ObjectKey) -> Option<KeyBuf> {
+        let built = service_key(key, &self.svc_key);
+        if built.is_none() {
+            self.report.skipped.insert(key.to_string());
+        }
+        built
+    }
+
+    /// Every local service: ClusterIPs, ExternalName aliases, headless endpoints with their
+    /// per-pod names, SRV and PTR.
+    fn local_cluster(&mut self, state: &ClusterState, cluster: &Arc<str>) {
+        let origin = Origin::Local {
+            cluster: Arc::clone(cluster),
+        };
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for (key, slice) in &state.endpoint_slices {
+            slices.entry((&key.namespace, &slice.service)).or_default().push(slice);
+        }
+        for (key, svc) in &state.services {
+            let Some(name_key) = self.service_key(key) else { continue };
+            let Some(name) = to_name(name_key.as_bytes()) else { continue };
+            match &svc.kind {
+                ServiceKind::ClusterIp(ips) => {
+                    let (v4, v6) = split(ips.iter().copied());
+                    for ip in ips {
+                        self.ptr.insert(*ip, name.clone());
+                    }
+                    let targets = |port: &ServicePort| {
+                        vec![SrvTarget { port: port.port, target: name.clone(), v4: v4.clone(), v6: v6.clone() }]
+                    };
+                    self.srv(&name_key, &svc.ports, targets, &origin);
+                    self.insert_service(&name_key, EntryData::Addresses { v4, v6 }, &origin);
+                }
+                ServiceKind::ExternalName(target) => {
+                    if let Some(target) = fqdn(target) {
+                        self.insert_service(&name_key, EntryData::Alias(target), &origin);
+                    }
+                }
+                ServiceKind::Headless => {
+                    let slices = slices.get(&(key.namespace.as_str(), key.name.as_str())).map_or(&[][..], Vec::as_slice);
+                    self.headless(&name_key, svc, slices, &origin);
+                }
+            }
+        }
+    }
+
+    /// A local headless service. Without an endpoint to publish it gets no entry at all, so a
+    /// remote copy can answer (failover) or, without one, the name does not exist.
+    fn headless(&mut self, key: &KeyBuf, svc: &Service, slices: &[&EndpointSlice], origin: &Origin) {
+        // Per-pod names: the hostname, or the address with dashes, under the service name.
+        let mut pods: Vec<(KeyBuf, Name, Vec<IpAddr>, Vec<&ServicePort>)> = Vec::new();
+        let mut all = Vec::new();
+        for slice in slices {
+            for endpoint in slice.endpoints.iter().filter(|e| e.ready || svc.publish_not_ready) {
+                let ports: Vec<&ServicePort> = slice.ports.iter().collect();
+                let labels: Vec<(String, Vec<IpAddr>)> = match &endpoint.hostname {
+                    Some(host) => vec![(host.clone(), endpoint.addresses.clone())],
+                    None => endpoint.addresses.iter().map(|ip| (dashed(ip), vec![*ip])).collect(),
+                };
+                all.extend(endpoint.addresses.iter().copied());
+                for (label, ips) in labels {
+                    let mut pod_key = KeyBuf::default();
+                    if pod_key.push_label(label.as_bytes()).and_then(|()| pod_key.push_key(key.as_bytes())).is_none() {
+                        continue;
+                    }
+                    // Dual-stack services have one slice per family; their pods share names.
+                    match pods.iter_mut().find(|p| p.0.as_bytes() == pod_key.as_bytes()) {
+                        Some(pod) => pod.2.extend(ips),
+                        None => {
+                            let Some(pod_name) = to_name(pod_key.as_bytes()) else { continue };
+                            pods.push((pod_key, pod_name, ips, ports.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        if all.is_empty() {
+            return;
+        }
+        for (pod_key, pod_name, ips, _) in &pods {
+            for ip in ips {
+                self.ptr.insert(*ip, pod_name.clone());
+            }
+            self.entries.insert(
+                pod_key.to_boxed(),
+                Entry {
+                    data: Arc::new(addresses(ips.iter().copied())),
+                    origin: origin.clone(),
+                },
+            );
+        }
+        // One SRV target per published pod, on the endpoint's port of the same name.
+        let targets = |port: &ServicePort| {
+            pods.iter()
+                .map(|(_, pod_name, ips, ports)| {
+                    let endpoint_port = ports
+                        .iter()
+                        .find(|p| p.name == port.name && p.protocol == port.protocol)
+                        .map_or(port.port, |p| p.port);
+                    let (v4, v6) = split(ips.iter().copied());
+                    SrvTarget { port: endpoint_port, target: pod_name.clone(), v4, v6 }
+                })
+                .collect()
+        };
+        self.srv(key, &svc.ports, targets, origin);
+        self.insert_service(key, addresses(all.into_iter()), origin);
+    }
+
+    /// `_<port>._<proto>.<svc>` for every named port, and `_<proto>.<svc>` as an empty
+    /// non-terminal.
+    fn srv(&mut self, key: &KeyBuf, ports: &[ServicePort], targets: impl Fn(&ServicePort) -> Vec<SrvTarget>, origin: &Origin) {
+        for port in ports {
+            let Some(port_name) = &port.name else { continue };
+            let proto: &[u8] = match port.protocol {
+                PortProtocol::Tcp => b"_tcp",
+                PortProtocol::Udp => b"_udp",
+                PortProtocol::Sctp => b"_sctp",
+            };
+            let mut proto_key = KeyBuf::default();
+            if proto_key.push_label(proto).and_then(|()| proto_key.push_key(key.as_bytes())).is_none() {
+                continue;
+            }
+            let mut srv_key = KeyBuf::default();
+            let label = format!("_{port_name}");
+            if srv_key.push_label(label.as_bytes()).and_then(|()| srv_key.push_key(proto_key.as_bytes())).is_none() {
+                continue;
+            }
+            self.ents.insert(proto_key.to_boxed());
+            self.entries.insert(
+                srv_key.to_boxed(),
+                Entry {
+                    data: Arc::new(EntryData::Srv(targets(port))),
+                    origin: origin.clone(),
+                },
+            );
+        }
+    }
+
+    /// A service's own name, and its namespace as an empty non-terminal.
+    fn insert_service(&mut self, key: &KeyBuf, data: EntryData, origin: &Origin) {
+        self.entries.insert(
+            key.to_boxed(),
+            Entry {
+                data: Arc::new(data),
+                origin: origin.clone(),
+            },
+        );
+        if let Some(namespace) = ancestors(key.as_bytes()).next() {
+            if !self.ents.contains(namespace) {
+                self.ents.insert(namespace.into());
+            }
+        }
+    }
+
+    /// Remote-only services: which clusters hold each one (in cluster order), then one answer
+    /// per distinct set of holders, shared by every service it covers.
+    fn remote_clusters(&mut self, clusters: &[ClusterInput<'_>], names: &[Arc<str>]) {
+        let capacity = clusters.iter().map(|c| c.state.services.len()).max().unwrap_or(0);
+        let mut remote: HashMap<Box<[u8]>, (Vec<u16>, &Service)> = HashMap::with_capacity(capacity);
+        for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| !c.local) {
+            let Ok(index) = u16::try_from(i) else { break };
+            for (key, svc) in &cluster.state.services {
+                // An ExternalName alias is resolved by each cluster's DNS; the gateway does not
+                // route to it, so a remote one makes nothing reachable.
+                if matches!(svc.kind, ServiceKind::ExternalName(_)) {
+                    continue;
+                }
+                let Some(name) = self.service_key(key) else { continue };
+                if self.entries.contains_key(name.as_bytes()) {
+                    continue;
+                }
+                match remote.get_mut(name.as_bytes()) {
+                    Some((holders, _)) => holders.push(index),
+                    None => {
+                        remote.insert(name.to_boxed(), (vec![index], svc));
+                    }
+                }
+            }
+        }
+        let gateways: Vec<Vec<Ingress>> = clusters
+            .iter()
+            .map(|c| match c.gateway_override {
+                Some(addrs) => addrs.to_vec(),
+                None => c.state.gateway_addresses(),
+            })
+            .collect();
+        let mut answers: HashMap<Vec<u16>, Option<Entry>> = HashMap::new();
+        for (name, (holders, svc)) in remote {
+            let entry = answers
+                .entry(holders)
+                .or_insert_with_key(|holders| remote_entry(holders, &gateways, names, &mut self.report));
+            let Some(entry) = entry.clone() else { continue };
+            let mut key = KeyBuf::default();
+            if key.push_key(&name).is_none() {
+                continue;
+            }
+            if svc.ports.iter().any(|p| p.name.is_some()) {
+                if let (Some(target), EntryData::Addresses { v4, v6 }) = (to_name(&name), &*entry.data) {
+                    let targets = |port: &ServicePort| {
+                        vec![SrvTarget { port: port.port, target: target.clone(), v4: v4.clone(), v6: v6.clone() }]
+                    };
+                    self.srv(&key, &svc.ports, targets, &entry.origin);
+                }
+            }
+            self.entries.insert(name, entry);
+            if let Some(namespace) = ancestors(key.as_bytes()).next() {
+                if !self.ents.contains(namespace) {
+                    self.ents.insert(namespace.into());
+                }
+            }
+        }
+    }
+}
+
+/// CoreDNS's per-pod label for an endpoint without a hostname: the address with dashes.
+pub fn dashed(ip: &IpAddr) -> String {
+    ip.to_string().replace(['.', ':'], "-")
+}
+
+fn split(ips: impl Iterator<Item = IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    match addresses(ips) {
+        EntryData::Addresses { v4, v6 } => (v4, v6),
+        _ => (Vec::new(), Vec::new()),
     }
 }
 
@@ -576,7 +784,7 @@ mod tests {
             },
         ];
         let (table, report) = Table::build(&settings(), &inputs, 1);
-        assert!(table.is_empty());
+        assert!(table.get(&fqdn("only.ns.svc.cluster.local").unwrap()).is_none());
         assert!(!table.all_loaded());
         assert_eq!(report.clusters_without_gateway.len(), 1);
     }

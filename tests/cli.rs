@@ -80,7 +80,15 @@ fn config_errors_exit_2_naming_file_and_field() {
 fn a_taken_port_exits_1() {
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, stderr) = run(&["demo", "--listen", &addr, "--upstream", "127.0.0.1:5300"]);
+    let (code, stderr) = run(&[
+        "demo",
+        "--listen",
+        &addr,
+        "--upstream",
+        "127.0.0.1:5300",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(&addr), "{stderr}");
 }
@@ -114,6 +122,8 @@ async fn dig_against_the_demo() {
         "127.0.0.1:0",
         "--upstream",
         &upstream.addr.to_string(),
+        "--admin",
+        "127.0.0.1:0",
     ]);
     let addr = demo.addr;
     let started = Instant::now();
@@ -127,6 +137,12 @@ async fn dig_against_the_demo() {
         (&["+short", "httpbin.sample.svc.cluster.local"], "34.136.67.85\n"),
         (&["+short", "www.example.test"], "192.0.2.10\n"),
         (&["+short", "AAAA", "helloworld.helloworld.svc.cluster.local"], ""),
+        (
+            &["+short", "SRV", "_http._tcp.helloworld.helloworld.svc.cluster.local"],
+            "0 100 5000 helloworld.helloworld.svc.cluster.local.\n",
+        ),
+        (&["+short", "-x", "10.96.120.15"], "helloworld.helloworld.svc.cluster.local.\n"),
+        (&["+short", "TXT", "dns-version.cluster.local"], "\"1.1.0\"\n"),
     ];
     for (args, want) in cases {
         let got = tokio::task::block_in_place(|| dig(addr, args));

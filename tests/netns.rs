@@ -41,6 +41,14 @@ const UPSTREAM_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 /// east-west gateway.
 const HELLOWORLD_IP: &str = "10.96.120.15";
 const GATEWAY_IP: &str = "34.136.67.85";
+const DUAL_V4: &str = "10.96.77.7";
+const DUAL_V6: &str = "fd00:96::77:7";
+const DUAL_STACK_SERVICE: &str = concat!(
+    "---\napiVersion: v1\nkind: Service\nmetadata: {name: dual, namespace: sleep}\nspec:\n",
+    "  clusterIP: 10.96.77.7\n  clusterIPs: [10.96.77.7, \"fd00:96::77:7\"]\n",
+    "  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n",
+    "  ports: [{name: http, port: 80, protocol: TCP}]\n",
+);
 /// How long the helper upstream lives at most, should the test die without killing it.
 const HELPER_LIFETIME: Duration = Duration::from_secs(180);
 const START_WAIT: Duration = Duration::from_secs(20);
@@ -425,6 +433,10 @@ fn pod_in_a_network_namespace() {
     for dump in ["cluster-1.yaml", "cluster-2.yaml"] {
         std::fs::copy(demo.join(dump), dir.join(dump)).expect("copy dump");
     }
+    // A dual-stack service in the pod's own namespace, as a second document of the stream.
+    let mut local = std::fs::read_to_string(dir.join("cluster-1.yaml")).expect("read dump");
+    local.push_str(DUAL_STACK_SERVICE);
+    std::fs::write(dir.join("cluster-1.yaml"), local).expect("write dump");
     std::fs::write(
         dir.join("config.yaml"),
         "listen: [\"127.0.0.1:15053\", \"[::1]:15053\"]\n\
@@ -559,6 +571,13 @@ fn pod_in_a_network_namespace() {
             out.stdout
         );
     }
+    // A dual-stack service: glibc asks A and AAAA and lists both families.
+    let out = checked(pod.exec_as(APP_UID, "getent", &["ahosts", "dual"]));
+    assert!(
+        out.stdout.contains(DUAL_V4) && out.stdout.contains(DUAL_V6),
+        "getent ahosts dual: {}",
+        out.stdout
+    );
     for what in ["hosts", "ahosts"] {
         let out = run_bounded(
             pod.exec_as(APP_UID, "getent", &[what, "nothere.helloworld"]),

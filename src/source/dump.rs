@@ -442,6 +442,7 @@ loose_object! {
         status: Field<RawServiceStatus> = "status",
         address_type: Field<String> = "addressType",
         endpoints: Field<Vec<Field<RawEndpoint>>> = "endpoints",
+        ports: Field<Vec<Field<RawPort>>> = "ports",
         items: Field<Vec<Field<RawObject>>> = "items",
     }
 }
@@ -765,28 +766,7 @@ impl<'a> Builder<'a> {
             cluster_ips(&cx, spec.cluster_ip, spec.cluster_ips)?
         };
 
-        let mut ports = Vec::new();
-        let raw_ports = cx.check(|| "spec.ports", spec.ports.or_default(EXPECT_LIST))?;
-        for (i, raw) in raw_ports.into_iter().enumerate() {
-            let path = |field: &str| format!("spec.ports[{i}]{field}");
-            let raw = cx.check(|| path(""), raw.or_default(EXPECT_MAPPING))?;
-            let protocol = cx.check(|| path(".protocol"), raw.protocol.optional(EXPECT_STRING))?;
-            let number = cx.check(|| path(".port"), raw.port.required(EXPECT_INTEGER))?;
-            let name = cx.check(|| path(".name"), raw.name.optional(EXPECT_STRING))?;
-            let port = u16::try_from(number)
-                .ok()
-                .filter(|&port| port != 0)
-                .ok_or_else(|| cx.error(path(".port"), format!("{number} is not a port number (1-65535)")))?;
-            // A protocol this version does not know cannot be answered for; the rest of the
-            // service still can.
-            if let Some(protocol) = PortProtocol::parse(protocol.as_deref()) {
-                ports.push(ServicePort {
-                    name: name.filter(|name| !name.is_empty()),
-                    port,
-                    protocol,
-                });
-            }
-        }
+        let ports = parse_ports(&cx, "spec.ports", spec.ports)?;
 
         let publish_not_ready = cx
             .check(
@@ -849,9 +829,15 @@ impl<'a> Builder<'a> {
                 hostname,
             });
         }
-        self.state
-            .endpoint_slices
-            .insert(key, EndpointSlice { service, endpoints });
+        let ports = parse_ports(&cx, "ports", object.ports)?;
+        self.state.endpoint_slices.insert(
+            key,
+            EndpointSlice {
+                service,
+                endpoints,
+                ports,
+            },
+        );
         Ok(())
     }
 
@@ -871,6 +857,32 @@ impl<'a> Builder<'a> {
         });
         self.state
     }
+}
+
+/// The ports of a Service (`spec.ports`) or an EndpointSlice (`ports`). A protocol this version
+/// does not know cannot be answered for, so that port is skipped; the rest still can be.
+fn parse_ports(cx: &Context, field: &str, raw: Field<Vec<Field<RawPort>>>) -> Result<Vec<ServicePort>, DumpError> {
+    let mut ports = Vec::new();
+    let raw_ports = cx.check(|| field.to_string(), raw.or_default(EXPECT_LIST))?;
+    for (i, raw) in raw_ports.into_iter().enumerate() {
+        let path = |sub: &str| format!("{field}[{i}]{sub}");
+        let raw = cx.check(|| path(""), raw.or_default(EXPECT_MAPPING))?;
+        let protocol = cx.check(|| path(".protocol"), raw.protocol.optional(EXPECT_STRING))?;
+        let number = cx.check(|| path(".port"), raw.port.required(EXPECT_INTEGER))?;
+        let name = cx.check(|| path(".name"), raw.name.optional(EXPECT_STRING))?;
+        let port = u16::try_from(number)
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(|| cx.error(path(".port"), format!("{number} is not a port number (1-65535)")))?;
+        if let Some(protocol) = PortProtocol::parse(protocol.as_deref()) {
+            ports.push(ServicePort {
+                name: name.filter(|name| !name.is_empty()),
+                port,
+                protocol,
+            });
+        }
+    }
+    Ok(ports)
 }
 
 fn not_an_object(at: Location, found: Found) -> DumpError {

@@ -345,7 +345,23 @@ pub fn convert_slice(slice: &K8sEndpointSlice) -> Option<EndpointSlice> {
             hostname: e.hostname.as_ref().map(|h| h.to_ascii_lowercase()),
         })
         .collect();
-    Some(EndpointSlice { service, endpoints })
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port: p.port.and_then(|port| u16::try_from(port).ok()).filter(|&port| port != 0)?,
+                protocol: PortProtocol::parse(p.protocol.as_deref())?,
+            })
+        })
+        .collect();
+    Some(EndpointSlice {
+        service,
+        endpoints,
+        ports,
+    })
 }
 
 #[cfg(test)]

@@ -22,11 +22,20 @@ pub const SEARCH: &[&str] = &[
 #[derive(Default, Clone)]
 pub struct Dump {
     items: Vec<String>,
+    /// A whole dump as written, replacing the built items (fixtures from real kubectl output).
+    raw: Option<String>,
 }
 
 impl Dump {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn raw(text: &str) -> Self {
+        Self {
+            items: Vec::new(),
+            raw: Some(text.to_string()),
+        }
     }
 
     /// A ClusterIP service; several IPs make it dual-stack.
@@ -72,6 +81,9 @@ impl Dump {
     }
 
     pub fn yaml(&self) -> String {
+        if let Some(raw) = &self.raw {
+            return raw.clone();
+        }
         let mut out = String::from("apiVersion: v1\nkind: List\nmetadata:\n  resourceVersion: \"\"\nitems:\n");
         if self.items.is_empty() {
             out = String::from("apiVersion: v1\nkind: List\nitems: []\n");
@@ -139,7 +151,7 @@ impl Proxy {
 
 /// Writes dumps, kubeconfigs, resolv.conf and `meshdns.yaml` into `dir`; returns the config path.
 pub fn write_config(dir: &Path, clusters: &[Spec], upstreams: &[SocketAddr], extra_yaml: &str) -> PathBuf {
-    let mut config = String::from("listen: [\"127.0.0.1:0\"]\nresolvConf: resolv.conf\n");
+    let mut config = String::from("listen: [\"127.0.0.1:0\"]\nadmin: \"127.0.0.1:0\"\nresolvConf: resolv.conf\n");
     config.push_str("upstreamTimeout: 300ms\nupstreamDeadline: 900ms\n");
     let ups: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
     let _ = writeln!(config, "upstreams: [{}]", ups.join(", "));
