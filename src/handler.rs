@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::hub::SharedTable;
 use crate::lookup::{self, LocalAnswer, Resolution};
+use crate::metrics::{Metrics, Outcome};
 use crate::upstream::{Forward, Transport};
 
 /// The smallest payload every DNS client accepts (RFC 1035); an EDNS client asking for less
@@ -28,16 +29,36 @@ pub const CHASE_UDP_PAYLOAD: u16 = 1232;
 pub struct DnsHandler<F> {
     table: SharedTable,
     forwarder: Arc<F>,
+    metrics: Arc<Metrics>,
 }
 
 impl<F: Forward> DnsHandler<F> {
     pub fn new(table: SharedTable, forwarder: Arc<F>) -> Self {
-        Self { table, forwarder }
+        Self::with_metrics(table, forwarder, Arc::new(Metrics::new()))
+    }
+
+    /// Like [`DnsHandler::new`], counting every answered query in `metrics`.
+    pub fn with_metrics(table: SharedTable, forwarder: Arc<F>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            table,
+            forwarder,
+            metrics,
+        }
     }
 
     /// Fetches the addresses of an alias target from upstream, so that stub resolvers, which do
     /// not chase CNAMEs themselves, get the whole chain in one answer.
     async fn chase(&self, answer: &mut LocalAnswer, target: &Name, qtype: RecordType) {
+        // An alias into the cluster (an ExternalName pointing at another service) is answered
+        // from the table itself.
+        if let Resolution::Local(local) = lookup::resolve(&self.table.load(), target, qtype)
+            && local.chase.is_none()
+        {
+            answer.answers.extend(local.answers);
+            answer.rcode = local.rcode;
+            answer.soa = local.soa;
+            return;
+        }
         let mut msg = Message::query();
         msg.metadata.id = rand::random();
         msg.metadata.recursion_desired = true;
@@ -58,9 +79,12 @@ impl<F: Forward> DnsHandler<F> {
                 answer.answers.extend(reply.answers);
                 // The alias exists; whether its target does is the upstream's to say.
                 answer.rcode = reply.metadata.response_code;
-                if answer.rcode != ResponseCode::NoError {
-                    answer.soa = None;
-                }
+                // A negative answer about the target carries the target zone's SOA, which
+                // tells resolvers how long to cache it.
+                answer.soa = reply
+                    .authorities
+                    .into_iter()
+                    .find(|r| r.record_type() == RecordType::SOA);
             }
             Err(error) => {
                 debug!(%target, %error, "alias target did not resolve upstream");
@@ -146,9 +170,15 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
                     answer.answers.iter(),
                     none.iter(),
                     answer.soa.iter(),
-                    none.iter(),
+                    answer.additionals.iter(),
                 );
                 debug!(client = %request.src(), name = %qname, %qtype, outcome = answer.rule.as_str(), rcode = %answer.rcode, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                self.metrics.request(
+                    transport(request.protocol()),
+                    qtype,
+                    Outcome::from(answer.rule),
+                    started,
+                );
                 send(&mut response_handle, response, request).await
             }
             Resolution::Forward => match self
@@ -169,10 +199,14 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
                         reply.additionals.iter(),
                     );
                     debug!(client = %request.src(), name = %qname, %qtype, outcome = "forwarded", rcode = %metadata.response_code, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                    self.metrics
+                        .request(transport(request.protocol()), qtype, Outcome::Forwarded, started);
                     send(&mut response_handle, response, request).await
                 }
                 Err(error) => {
                     debug!(client = %request.src(), name = %qname, %qtype, outcome = "error", %error, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                    self.metrics
+                        .request(transport(request.protocol()), qtype, Outcome::Error, started);
                     send(&mut response_handle, send_error(ResponseCode::ServFail), request).await
                 }
             },

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use hickory_proto::rr::rdata::SOA;
 use hickory_proto::rr::{Name, RData, Record};
 
-use crate::cluster::{ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort};
+use crate::cluster::{
+    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort,
+};
 use crate::name_key::{KeyBuf, ancestors, to_name};
 
 /// SOA timers other than the minimum; resolvers only use the minimum for negative caching,
@@ -298,8 +300,12 @@ impl Builder {
             slices.entry((&key.namespace, &slice.service)).or_default().push(slice);
         }
         for (key, svc) in &state.services {
-            let Some(name_key) = self.service_key(key) else { continue };
-            let Some(name) = to_name(name_key.as_bytes()) else { continue };
+            let Some(name_key) = self.service_key(key) else {
+                continue;
+            };
+            let Some(name) = to_name(name_key.as_bytes()) else {
+                continue;
+            };
             match &svc.kind {
                 ServiceKind::ClusterIp(ips) => {
                     let (v4, v6) = split(ips.iter().copied());
@@ -307,7 +313,12 @@ impl Builder {
                         self.ptr.insert(*ip, name.clone());
                     }
                     let targets = |port: &ServicePort| {
-                        vec![SrvTarget { port: port.port, target: name.clone(), v4: v4.clone(), v6: v6.clone() }]
+                        vec![SrvTarget {
+                            port: port.port,
+                            target: name.clone(),
+                            v4: v4.clone(),
+                            v6: v6.clone(),
+                        }]
                     };
                     self.srv(&name_key, &svc.ports, targets, &origin);
                     self.insert_service(&name_key, EntryData::Addresses { v4, v6 }, &origin);
@@ -318,7 +329,9 @@ impl Builder {
                     }
                 }
                 ServiceKind::Headless => {
-                    let slices = slices.get(&(key.namespace.as_str(), key.name.as_str())).map_or(&[][..], Vec::as_slice);
+                    let slices = slices
+                        .get(&(key.namespace.as_str(), key.name.as_str()))
+                        .map_or(&[][..], Vec::as_slice);
                     self.headless(&name_key, svc, slices, &origin);
                 }
             }
@@ -341,14 +354,20 @@ impl Builder {
                 all.extend(endpoint.addresses.iter().copied());
                 for (label, ips) in labels {
                     let mut pod_key = KeyBuf::default();
-                    if pod_key.push_label(label.as_bytes()).and_then(|()| pod_key.push_key(key.as_bytes())).is_none() {
+                    if pod_key
+                        .push_label(label.as_bytes())
+                        .and_then(|()| pod_key.push_key(key.as_bytes()))
+                        .is_none()
+                    {
                         continue;
                     }
                     // Dual-stack services have one slice per family; their pods share names.
                     match pods.iter_mut().find(|p| p.0.as_bytes() == pod_key.as_bytes()) {
                         Some(pod) => pod.2.extend(ips),
                         None => {
-                            let Some(pod_name) = to_name(pod_key.as_bytes()) else { continue };
+                            let Some(pod_name) = to_name(pod_key.as_bytes()) else {
+                                continue;
+                            };
                             pods.push((pod_key, pod_name, ips, ports.clone()));
                         }
                     }
@@ -379,7 +398,12 @@ impl Builder {
                         .find(|p| p.name == port.name && p.protocol == port.protocol)
                         .map_or(port.port, |p| p.port);
                     let (v4, v6) = split(ips.iter().copied());
-                    SrvTarget { port: endpoint_port, target: pod_name.clone(), v4, v6 }
+                    SrvTarget {
+                        port: endpoint_port,
+                        target: pod_name.clone(),
+                        v4,
+                        v6,
+                    }
                 })
                 .collect()
         };
@@ -389,7 +413,13 @@ impl Builder {
 
     /// `_<port>._<proto>.<svc>` for every named port, and `_<proto>.<svc>` as an empty
     /// non-terminal.
-    fn srv(&mut self, key: &KeyBuf, ports: &[ServicePort], targets: impl Fn(&ServicePort) -> Vec<SrvTarget>, origin: &Origin) {
+    fn srv(
+        &mut self,
+        key: &KeyBuf,
+        ports: &[ServicePort],
+        targets: impl Fn(&ServicePort) -> Vec<SrvTarget>,
+        origin: &Origin,
+    ) {
         for port in ports {
             let Some(port_name) = &port.name else { continue };
             let proto: &[u8] = match port.protocol {
@@ -398,12 +428,20 @@ impl Builder {
                 PortProtocol::Sctp => b"_sctp",
             };
             let mut proto_key = KeyBuf::default();
-            if proto_key.push_label(proto).and_then(|()| proto_key.push_key(key.as_bytes())).is_none() {
+            if proto_key
+                .push_label(proto)
+                .and_then(|()| proto_key.push_key(key.as_bytes()))
+                .is_none()
+            {
                 continue;
             }
             let mut srv_key = KeyBuf::default();
             let label = format!("_{port_name}");
-            if srv_key.push_label(label.as_bytes()).and_then(|()| srv_key.push_key(proto_key.as_bytes())).is_none() {
+            if srv_key
+                .push_label(label.as_bytes())
+                .and_then(|()| srv_key.push_key(proto_key.as_bytes()))
+                .is_none()
+            {
                 continue;
             }
             self.ents.insert(proto_key.to_boxed());
@@ -426,10 +464,15 @@ impl Builder {
                 origin: origin.clone(),
             },
         );
-        if let Some(namespace) = ancestors(key.as_bytes()).next() {
-            if !self.ents.contains(namespace) {
-                self.ents.insert(namespace.into());
-            }
+        self.namespace_exists(key);
+    }
+
+    /// A service's namespace exists as an empty non-terminal (RFC 8020).
+    fn namespace_exists(&mut self, key: &KeyBuf) {
+        if let Some(namespace) = ancestors(key.as_bytes()).next()
+            && !self.ents.contains(namespace)
+        {
+            self.ents.insert(namespace.into());
         }
     }
 
@@ -475,20 +518,21 @@ impl Builder {
             if key.push_key(&name).is_none() {
                 continue;
             }
-            if svc.ports.iter().any(|p| p.name.is_some()) {
-                if let (Some(target), EntryData::Addresses { v4, v6 }) = (to_name(&name), &*entry.data) {
-                    let targets = |port: &ServicePort| {
-                        vec![SrvTarget { port: port.port, target: target.clone(), v4: v4.clone(), v6: v6.clone() }]
-                    };
-                    self.srv(&key, &svc.ports, targets, &entry.origin);
-                }
+            if svc.ports.iter().any(|p| p.name.is_some())
+                && let (Some(target), EntryData::Addresses { v4, v6 }) = (to_name(&name), &*entry.data)
+            {
+                let targets = |port: &ServicePort| {
+                    vec![SrvTarget {
+                        port: port.port,
+                        target: target.clone(),
+                        v4: v4.clone(),
+                        v6: v6.clone(),
+                    }]
+                };
+                self.srv(&key, &svc.ports, targets, &entry.origin);
             }
             self.entries.insert(name, entry);
-            if let Some(namespace) = ancestors(key.as_bytes()).next() {
-                if !self.ents.contains(namespace) {
-                    self.ents.insert(namespace.into());
-                }
-            }
+            self.namespace_exists(&key);
         }
     }
 }
