@@ -30,6 +30,12 @@ pub const DEFAULT_WORKER_THREADS: usize = 1;
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A cluster whose API server cannot be reached must not hold the others back for long.
 pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(10);
+/// Where the admin server (metrics, probes, debug pages) listens unless configured otherwise:
+/// loopback, since its debug pages show every service name the pod can reach.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15054";
+/// After SIGTERM, how long answers to queries already received may take before meshdns exits;
+/// well inside Kubernetes' default 30 s grace period.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound for configured TTLs: one day, as most resolvers cap anyway.
 pub const MAX_TTL: u32 = 86_400;
 
@@ -39,12 +45,57 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: {field}: {message}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    #[error("{path}: {}", join_problems(problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+impl ConfigError {
+    /// Each problem on its own, prefixed with the file: what `meshdns check` prints.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Self::Invalid { path, problems } => problems.iter().map(|p| format!("{}: {p}", path.display())).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// One invalid field of a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where in the file, as `clusters[1].objects`.
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn join_problems(problems: &[Problem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// Problems found while validating, in file order.
+#[derive(Debug, Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn into_vec(self) -> Vec<Problem> {
+        self.0
+    }
 }
 
 /// The file as written; every field optional so defaults live in one place.
@@ -64,6 +115,8 @@ pub struct FileConfig {
     pub worker_threads: Option<usize>,
     pub remote_secrets_dir: Option<PathBuf>,
     pub startup_wait: Option<String>,
+    pub admin: Option<String>,
+    pub drain_timeout: Option<String>,
     #[serde(default)]
     pub clusters: Vec<FileCluster>,
 }
@@ -110,14 +163,14 @@ impl std::fmt::Display for ClusterSource {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayConfig {
     pub selector: LabelSelector,
     /// Static addresses that replace whatever the gateway Service reports.
     pub addresses: Option<Vec<Ingress>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
     pub name: String,
     pub local: bool,
@@ -131,6 +184,8 @@ pub struct Config {
     /// The file it came from, for messages; `None` for the embedded demo.
     pub path: Option<PathBuf>,
     pub listen: Vec<SocketAddr>,
+    /// The admin server's address; `None`: no admin server.
+    pub admin: Option<SocketAddr>,
     /// `None`: take the nameservers of `resolv_conf`.
     pub upstreams: Option<Vec<SocketAddr>>,
     pub resolv_conf: PathBuf,
@@ -149,6 +204,8 @@ pub struct Config {
     pub remote_secrets_dir: Option<PathBuf>,
     /// How long start-up waits for every cluster's first state before serving what it has.
     pub startup_wait: Duration,
+    /// After SIGTERM or SIGINT, how long queries already received may take to be answered.
+    pub drain_timeout: Duration,
     pub clusters: Vec<ClusterConfig>,
 }
 
@@ -157,6 +214,8 @@ pub struct Config {
 pub struct Overrides {
     pub listen: Vec<String>,
     pub upstreams: Vec<String>,
+    /// `Some("")` disables the admin server.
+    pub admin: Option<String>,
 }
 
 impl Config {
@@ -179,54 +238,77 @@ impl Config {
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
         let shown = path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf);
-        let invalid = |field: &str, message: String| ConfigError::Invalid {
-            path: shown.clone(),
-            field: field.to_string(),
-            message,
-        };
+        // Every problem is collected, so one run of `meshdns check` lists them all; each check
+        // that fails goes on with a stand-in value.
+        let mut problems = Problems::default();
 
         let listen_src = if overrides.listen.is_empty() {
             file.listen.unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
         } else {
             overrides.listen.clone()
         };
-        let listen = listen_src
+        let listen: Vec<SocketAddr> = listen_src
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                s.parse::<SocketAddr>()
-                    .map_err(|_| invalid(&format!("listen[{i}]"), format!("{s:?} is not an IP:port address")))
+            .filter_map(|(i, s)| {
+                let parsed = s.parse::<SocketAddr>().ok();
+                if parsed.is_none() {
+                    problems.push(format!("listen[{i}]"), format!("{s:?} is not an IP:port address"));
+                }
+                parsed
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        if listen.is_empty() {
-            return Err(invalid("listen", "at least one address is needed".into()));
+            .collect();
+        if listen_src.is_empty() {
+            problems.push("listen", "at least one address is needed");
         }
+
+        let admin_src = overrides
+            .admin
+            .clone()
+            .or(file.admin)
+            .unwrap_or_else(|| DEFAULT_ADMIN.to_string());
+        let admin = if admin_src.trim().is_empty() {
+            None
+        } else {
+            let parsed = admin_src.trim().parse::<SocketAddr>().ok();
+            if parsed.is_none() {
+                problems.push(
+                    "admin",
+                    format!("{admin_src:?} is not an IP:port address (an empty string disables the admin server)"),
+                );
+            }
+            parsed
+        };
 
         let upstream_src = if overrides.upstreams.is_empty() {
             file.upstreams
         } else {
             Some(overrides.upstreams.clone())
         };
-        let upstreams = upstream_src
-            .map(|list| {
-                list.iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        parse_upstream(s).ok_or_else(|| {
-                            invalid(
-                                &format!("upstreams[{i}]"),
-                                format!("{s:?} is not an IP address with an optional port"),
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
+        let upstreams = upstream_src.map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let parsed = parse_upstream(s);
+                    if parsed.is_none() {
+                        problems.push(
+                            format!("upstreams[{i}]"),
+                            format!("{s:?} is not an IP address with an optional port"),
+                        );
+                    }
+                    parsed
+                })
+                .collect::<Vec<_>>()
+        });
         if let Some(up) = upstreams.iter().flatten().find(|u| listen.contains(u)) {
-            return Err(invalid(
+            problems.push(
                 "upstreams",
                 format!("{up} is also a listen address: meshdns would forward to itself"),
-            ));
+            );
+        }
+        // Port 0 picks a free port for each, so those never collide.
+        if let Some(addr) = admin.filter(|a| a.port() != 0 && listen.contains(a)) {
+            problems.push("admin", format!("{addr} is also a DNS listen address"));
         }
 
         let cluster_domain = file
@@ -234,140 +316,147 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_string())
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        if cluster_domain.is_empty()
+        let cluster_domain = if cluster_domain.is_empty()
             || hickory_proto::rr::Name::from_ascii(&cluster_domain).is_err()
             || cluster_domain.split('.').any(str::is_empty)
         {
-            return Err(invalid(
-                "clusterDomain",
-                format!("{cluster_domain:?} is not a domain name"),
-            ));
-        }
+            problems.push("clusterDomain", format!("{cluster_domain:?} is not a domain name"));
+            DEFAULT_CLUSTER_DOMAIN.to_string()
+        } else {
+            cluster_domain
+        };
 
-        let search = file
-            .search
-            .map(|list| {
-                list.iter()
-                    .enumerate()
-                    .map(|(i, d)| {
-                        let d = d.trim_end_matches('.').to_ascii_lowercase();
-                        let valid = !d.is_empty() && d.split('.').all(is_dns_label_loose);
-                        valid
-                            .then_some(d.clone())
-                            .ok_or_else(|| invalid(&format!("search[{i}]"), format!("{d:?} is not a domain name")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
+        let search = file.search.map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, d)| {
+                    let d = d.trim_end_matches('.').to_ascii_lowercase();
+                    let valid = !d.is_empty() && d.split('.').all(is_dns_label_loose);
+                    if !valid {
+                        problems.push(format!("search[{i}]"), format!("{d:?} is not a domain name"));
+                    }
+                    valid.then_some(d)
+                })
+                .collect::<Vec<_>>()
+        });
 
         let ttl = file.ttl.unwrap_or(DEFAULT_TTL);
         if ttl > MAX_TTL {
-            return Err(invalid("ttl", format!("{ttl} is above the maximum {MAX_TTL}")));
+            problems.push("ttl", format!("{ttl} is above the maximum {MAX_TTL}"));
         }
         let negative_ttl = file.negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL);
         if negative_ttl > MAX_TTL {
-            return Err(invalid(
-                "negativeTtl",
-                format!("{negative_ttl} is above the maximum {MAX_TTL}"),
-            ));
+            problems.push("negativeTtl", format!("{negative_ttl} is above the maximum {MAX_TTL}"));
         }
-        let duration = |field: &str, value: Option<String>, default: Duration| match value {
-            None => Ok(default),
-            Some(s) => parse_duration(&s)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| invalid(field, format!("{s:?} is not a positive duration like 2s or 500ms"))),
+        let mut duration = |field: &str, value: Option<String>, default: Duration, zero_ok: bool| match value {
+            None => default,
+            Some(s) => match parse_duration(&s).filter(|d| zero_ok || !d.is_zero()) {
+                Some(d) => d,
+                None => {
+                    let like = if zero_ok { "10s or 0s" } else { "2s or 500ms" };
+                    let kind = if zero_ok { "a duration" } else { "a positive duration" };
+                    problems.push(field, format!("{s:?} is not {kind} like {like}"));
+                    default
+                }
+            },
         };
-        let upstream_timeout = duration("upstreamTimeout", file.upstream_timeout, DEFAULT_TRY_TIMEOUT)?;
-        let upstream_deadline = duration("upstreamDeadline", file.upstream_deadline, DEFAULT_DEADLINE)?;
-        let tcp_idle_timeout = duration("tcpIdleTimeout", file.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT)?;
-        let startup_wait = match file.startup_wait {
-            None => DEFAULT_STARTUP_WAIT,
-            Some(s) => parse_duration(&s)
-                .ok_or_else(|| invalid("startupWait", format!("{s:?} is not a duration like 10s or 0s")))?,
-        };
+        let upstream_timeout = duration("upstreamTimeout", file.upstream_timeout, DEFAULT_TRY_TIMEOUT, false);
+        let upstream_deadline = duration("upstreamDeadline", file.upstream_deadline, DEFAULT_DEADLINE, false);
+        let tcp_idle_timeout = duration("tcpIdleTimeout", file.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT, false);
+        let startup_wait = duration("startupWait", file.startup_wait, DEFAULT_STARTUP_WAIT, true);
+        let drain_timeout = duration("drainTimeout", file.drain_timeout, DEFAULT_DRAIN_TIMEOUT, true);
         let worker_threads = file.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS);
         if worker_threads == 0 {
-            return Err(invalid("workerThreads", "must be at least 1".into()));
+            problems.push("workerThreads", "must be at least 1");
         }
 
         let mut clusters = Vec::with_capacity(file.clusters.len());
         let mut names = HashSet::new();
+        // Counted from the file, so a cluster left out for another problem still counts.
+        let locals = file.clusters.iter().filter(|c| c.local).count();
         for (i, c) in file.clusters.into_iter().enumerate() {
             let field = |f: &str| format!("clusters[{i}].{f}");
             if !is_dns_label(&c.name) {
-                return Err(invalid(
-                    &field("name"),
+                problems.push(
+                    field("name"),
                     format!("{:?} is not a DNS label (lowercase letters, digits, '-')", c.name),
-                ));
+                );
             }
             if !names.insert(c.name.clone()) {
-                return Err(invalid(&field("name"), format!("cluster {:?} is listed twice", c.name)));
+                problems.push(field("name"), format!("cluster {:?} is listed twice", c.name));
             }
             let source = match (c.objects, c.kubeconfig) {
                 (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        &field("kubeconfig"),
-                        "a cluster takes either `objects` (a dump) or `kubeconfig` (live), not both".into(),
-                    ));
+                    problems.push(
+                        field("kubeconfig"),
+                        "a cluster takes either `objects` (a dump) or `kubeconfig` (live), not both",
+                    );
+                    None
                 }
-                (Some(p), None) => ClusterSource::Objects(base.join(p)),
-                (None, Some(p)) => ClusterSource::Kubeconfig(base.join(p)),
-                (None, None) if c.local => ClusterSource::InCluster,
+                (Some(p), None) => Some(ClusterSource::Objects(base.join(p))),
+                (None, Some(p)) => Some(ClusterSource::Kubeconfig(base.join(p))),
+                (None, None) if c.local => Some(ClusterSource::InCluster),
                 (None, None) => {
-                    return Err(invalid(
-                        &field("kubeconfig"),
+                    problems.push(
+                        field("kubeconfig"),
                         "a remote cluster needs `kubeconfig` (live) or `objects` (a dump); \
-                         remote clusters from Istio remote secrets go in `remoteSecretsDir`"
-                            .into(),
-                    ));
+                         remote clusters from Istio remote secrets go in `remoteSecretsDir`",
+                    );
+                    None
                 }
             };
             let gw = c.east_west_gateway.unwrap_or_default();
             let selector_src = gw.selector.unwrap_or_else(|| DEFAULT_GATEWAY_SELECTOR.to_string());
-            let selector = LabelSelector::parse(&selector_src)
-                .map_err(|e| invalid(&field("eastWestGateway.selector"), e.to_string()))?;
-            let addresses = gw
-                .addresses
-                .map(|list| {
-                    list.iter()
-                        .enumerate()
-                        .map(|(j, a)| {
-                            parse_ingress(a).ok_or_else(|| {
-                                invalid(
-                                    &field(&format!("eastWestGateway.addresses[{j}]")),
-                                    format!("{a:?} is neither an IP address nor a host name"),
-                                )
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .transpose()?;
-            clusters.push(ClusterConfig {
-                name: c.name,
-                local: c.local,
-                source,
-                gateway: GatewayConfig { selector, addresses },
+            let selector = match LabelSelector::parse(&selector_src) {
+                Ok(selector) => Some(selector),
+                Err(e) => {
+                    problems.push(field("eastWestGateway.selector"), e.to_string());
+                    None
+                }
+            };
+            let addresses = gw.addresses.map(|list| {
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(j, a)| {
+                        let parsed = parse_ingress(a);
+                        if parsed.is_none() {
+                            problems.push(
+                                field(&format!("eastWestGateway.addresses[{j}]")),
+                                format!("{a:?} is neither an IP address nor a host name"),
+                            );
+                        }
+                        parsed
+                    })
+                    .collect::<Vec<_>>()
             });
+            if let (Some(source), Some(selector)) = (source, selector) {
+                clusters.push(ClusterConfig {
+                    name: c.name,
+                    local: c.local,
+                    source,
+                    gateway: GatewayConfig { selector, addresses },
+                });
+            }
         }
-        match clusters.iter().filter(|c| c.local).count() {
+        match locals {
             1 => {}
-            0 => {
-                return Err(invalid(
-                    "clusters",
-                    "exactly one cluster must have `local: true`; none has".into(),
-                ));
-            }
-            n => {
-                return Err(invalid(
-                    "clusters",
-                    format!("exactly one cluster must have `local: true`; {n} have"),
-                ));
-            }
+            0 => problems.push("clusters", "exactly one cluster must have `local: true`; none has"),
+            n => problems.push(
+                "clusters",
+                format!("exactly one cluster must have `local: true`; {n} have"),
+            ),
         }
 
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: shown,
+                problems: problems.into_vec(),
+            });
+        }
         Ok(Self {
             path: path.map(Path::to_path_buf),
             listen,
+            admin,
             upstreams,
             resolv_conf: base.join(file.resolv_conf.unwrap_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF))),
             search,
@@ -380,6 +469,7 @@ impl Config {
             worker_threads,
             remote_secrets_dir: file.remote_secrets_dir.map(|d| base.join(d)),
             startup_wait,
+            drain_timeout,
             clusters,
         })
     }
@@ -613,6 +703,7 @@ clusters:
         let over = Overrides {
             listen: vec!["127.0.0.1:0".into()],
             upstreams: vec!["[::1]:5353".into()],
+            ..Overrides::default()
         };
         let cfg = Config::from_parts(Some(path), Path::new("."), file, &over).unwrap();
         assert_eq!(cfg.listen, vec!["127.0.0.1:0".parse().unwrap()]);

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::cluster::{ClusterState, Ingress};
+use crate::metrics::Metrics;
 use crate::table::{ClusterInput, Table, TableSettings};
 
 /// How long the builder waits after the first change of a burst before it rebuilds, so that a
@@ -46,6 +47,8 @@ struct Slot {
     stale: bool,
     last_error: Option<String>,
     last_update: Option<Instant>,
+    /// Failures reported by the source since the cluster was registered.
+    errors: u64,
 }
 
 /// What the hub knows of one cluster, for status reports.
@@ -58,11 +61,19 @@ pub struct ClusterStatus {
     pub stale: bool,
     pub services: usize,
     pub last_error: Option<String>,
+    /// When the source last delivered a state or reported itself current.
+    pub last_update: Option<Instant>,
+    /// Failures reported by the source since the cluster was registered.
+    pub errors: u64,
+    /// The gateway addresses remote names of this cluster are answered with: the configured
+    /// ones, or else those the cluster reports.
+    pub gateways: Vec<Ingress>,
 }
 
 #[derive(Debug)]
 pub struct Hub {
-    settings: TableSettings,
+    /// Replaced when a re-read config changes the TTLs, the search path or the domain.
+    settings: Mutex<Arc<TableSettings>>,
     slots: Mutex<BTreeMap<String, Slot>>,
     table: SharedTable,
     dirty: Notify,
@@ -72,13 +83,19 @@ pub struct Hub {
     epochs: AtomicU64,
     /// Clusters without a gateway and services with unusable names already logged.
     warned: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Hub {
     pub fn new(settings: TableSettings) -> Arc<Self> {
+        Self::with_metrics(settings, Arc::new(Metrics::new()))
+    }
+
+    /// A hub that records its rebuilds in `metrics`.
+    pub fn with_metrics(settings: TableSettings, metrics: Arc<Metrics>) -> Arc<Self> {
         let table = Arc::new(ArcSwap::from_pointee(Table::empty(&settings)));
         Arc::new(Self {
-            settings,
+            settings: Mutex::new(Arc::new(settings)),
             slots: Mutex::new(BTreeMap::new()),
             table,
             dirty: Notify::new(),
@@ -86,7 +103,22 @@ impl Hub {
             generation: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
             warned: Mutex::new((BTreeSet::new(), BTreeSet::new())),
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn settings(&self) -> Arc<TableSettings> {
+        Arc::clone(&self.settings.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// Replaces the table settings; the next rebuild uses them.
+    pub fn set_settings(&self, settings: TableSettings) {
+        *self.settings.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(settings);
+        self.dirty.notify_one();
     }
 
     /// The table readers load from; cloning it is cheap and it always shows the latest build.
@@ -108,6 +140,7 @@ impl Hub {
             stale: false,
             last_error: None,
             last_update: None,
+            errors: 0,
         };
         self.slots().insert(name.clone(), slot);
         self.dirty.notify_one();
@@ -138,6 +171,13 @@ impl Hub {
                 stale: slot.stale,
                 services: slot.state.services.len(),
                 last_error: slot.last_error.clone(),
+                last_update: slot.last_update,
+                errors: slot.errors,
+                gateways: slot
+                    .meta
+                    .gateway_override
+                    .clone()
+                    .unwrap_or_else(|| slot.state.gateway_addresses()),
             })
             .collect()
     }
@@ -176,7 +216,8 @@ impl Hub {
             })
             .collect();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (table, report) = Table::build(&self.settings, &inputs, generation);
+        let settings = self.settings();
+        let (table, report) = Table::build(&settings, &inputs, generation);
         {
             // Each problem is logged when it appears, not on every rebuild.
             let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -192,6 +233,7 @@ impl Hub {
         let all_loaded = table.all_loaded();
         self.table.store(Arc::new(table));
         let elapsed = started.elapsed();
+        self.metrics.table_rebuilt(names, elapsed);
         debug!(
             generation,
             names,
@@ -284,6 +326,7 @@ impl ClusterHandle {
             .with_slot(|slot| {
                 let newly = !slot.stale;
                 slot.stale = true;
+                slot.errors += 1;
                 slot.last_error = Some(error.to_string());
                 newly
             })

@@ -2,14 +2,18 @@
 //! mesh from an in-memory table and forwards everything else to the pod's own resolvers.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod handler;
 pub mod hub;
 pub mod iptables;
 pub mod lookup;
+pub mod metrics;
 pub mod name_key;
 pub mod resolv;
 pub mod server;

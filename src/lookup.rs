@@ -10,7 +10,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use crate::name_key::{KeyBuf, to_name};
+use crate::name_key::{KeyBuf, ancestors, to_name};
 use crate::table::{Entry, EntryData, Table};
 
 /// Which rule produced a local answer; used for logs and metrics labels.
@@ -65,17 +65,21 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
         return Resolution::Forward;
     };
     if let Some(entry) = table.get_key(key.as_bytes()) {
-        return answer_entry(table, qname, entry, qtype, Vec::new(), Rule::Table);
+        return answer_entry(table, qname, key.as_bytes(), entry, qtype, Vec::new(), Rule::Table);
     }
     if !table.cluster_domain().zone_of(qname) {
         return reverse(table, qname, qtype);
     }
-    if let Some((canonical, entry)) = search_shortcut(table, qname) {
+    if let Some((canonical_key, entry)) = search_shortcut(table, qname) {
+        let Some(canonical) = to_name(canonical_key.as_bytes()) else {
+            return Resolution::Forward;
+        };
         let alias = record(qname.clone(), table.ttl(), RData::CNAME(CNAME(canonical.clone())));
         if qtype == RecordType::CNAME {
             return local(Rule::SearchShortcut, ResponseCode::NoError, vec![alias], None, None);
         }
-        return answer_entry(table, &canonical, entry, qtype, vec![alias], Rule::SearchShortcut);
+        let key = canonical_key.as_bytes();
+        return answer_entry(table, &canonical, key, entry, qtype, vec![alias], Rule::SearchShortcut);
     }
     if !table.svc_zone().zone_of(qname) {
         // Other names of the cluster domain (pods, the apex) belong to the cluster's DNS.
@@ -105,7 +109,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
 /// The table name that the client's search walk would reach next, if `qname` is a table name
 /// with an in-zone search domain appended: the later search domains in order, then the name
 /// as an absolute one (what glibc and musl try after the search list).
-fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entry)> {
+fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(KeyBuf, &'t Entry)> {
     let labels = usize::from(qname.num_labels());
     for (i, domain) in table.search().iter().enumerate() {
         let dl = usize::from(domain.num_labels());
@@ -120,7 +124,7 @@ fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entr
                 continue;
             }
             if let Some(entry) = table.get_key(candidate.as_bytes()) {
-                return Some((to_name(candidate.as_bytes())?, entry));
+                return Some((candidate, entry));
             }
         }
     }
@@ -131,14 +135,20 @@ fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(Name, &'t Entr
 /// outside the cluster domain, other reverse names included, goes upstream. Gateway addresses
 /// get no PTR: many services share them.
 fn reverse(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
-    let Some(target) = reverse_ip(qname).and_then(|ip| table.ptr(&ip)) else {
+    let Some(target) = reverse_ip(qname).and_then(|ip| table.ptr(&ip)).and_then(to_name) else {
         return Resolution::Forward;
     };
     if matches!(qtype, RecordType::PTR | RecordType::ANY) {
         let answer = record(qname.clone(), table.ttl(), RData::PTR(PTR(target.clone())));
         return local(Rule::Table, ResponseCode::NoError, vec![answer], None, None);
     }
-    local(Rule::NoData, ResponseCode::NoError, Vec::new(), Some(table.soa().clone()), None)
+    local(
+        Rule::NoData,
+        ResponseCode::NoError,
+        Vec::new(),
+        Some(table.soa().clone()),
+        None,
+    )
 }
 
 /// The address of a full-length `in-addr.arpa` or nibble-form `ip6.arpa` name.
@@ -175,6 +185,7 @@ pub fn reverse_ip(qname: &Name) -> Option<IpAddr> {
 fn answer_entry(
     table: &Table,
     owner: &Name,
+    key: &[u8],
     entry: &Entry,
     qtype: RecordType,
     mut answers: Vec<Record>,
@@ -204,28 +215,48 @@ fn answer_entry(
             }
             local(rule, ResponseCode::NoError, answers, None, None)
         }
-        EntryData::Srv(targets) if matches!(qtype, RecordType::SRV | RecordType::ANY) => {
-            let mut additionals = Vec::new();
-            for t in targets {
-                // Weight spreads load evenly over the targets, as CoreDNS does.
-                let weight = u16::try_from(100 / targets.len().max(1)).unwrap_or(100);
-                answers.push(record(owner.clone(), ttl, RData::SRV(SRV::new(0, weight, t.port, t.target.clone()))));
-                additionals.extend(t.v4.iter().map(|ip| record(t.target.clone(), ttl, RData::A(A(*ip)))));
-                additionals.extend(t.v6.iter().map(|ip| record(t.target.clone(), ttl, RData::AAAA(AAAA(*ip)))));
-            }
-            let mut answer = LocalAnswer::new(rule, ResponseCode::NoError, answers, None, None);
-            answer.additionals = additionals;
-            Resolution::Local(Box::new(answer))
+        EntryData::SrvService { port } if matches!(qtype, RecordType::SRV | RecordType::ANY) => {
+            // The service's name is two labels up: `_<port>._<proto>.<svc>`.
+            let target = ancestors(key).nth(1).map(|k| (k, *port));
+            srv_answer(table, owner, target.into_iter(), answers, rule)
+        }
+        EntryData::SrvPods(pods) if matches!(qtype, RecordType::SRV | RecordType::ANY) => {
+            srv_answer(table, owner, pods.iter().map(|(k, p)| (&k[..], *p)), answers, rule)
         }
         EntryData::Txt(strings) if matches!(qtype, RecordType::TXT | RecordType::ANY) => {
             answers.push(record(owner.clone(), ttl, RData::TXT(TXT::new(strings.clone()))));
             local(rule, ResponseCode::NoError, answers, None, None)
         }
-        EntryData::Srv(_) | EntryData::Txt(_) => {
+        EntryData::SrvService { .. } | EntryData::SrvPods(_) | EntryData::Txt(_) => {
             let rule = if rule == Rule::Table { Rule::NoData } else { rule };
             local(rule, ResponseCode::NoError, answers, Some(table.soa().clone()), None)
         }
     }
+}
+
+/// SRV records to `targets` (name key, port), with the targets' addresses as additionals.
+fn srv_answer<'k>(
+    table: &Table,
+    owner: &Name,
+    targets: impl ExactSizeIterator<Item = (&'k [u8], u16)>,
+    mut answers: Vec<Record>,
+    rule: Rule,
+) -> Resolution {
+    let ttl = table.ttl();
+    // Weight spreads load evenly over the targets, as CoreDNS does.
+    let weight = u16::try_from(100 / targets.len().max(1)).unwrap_or(100);
+    let mut additionals = Vec::new();
+    for (key, port) in targets {
+        let Some(target) = to_name(key) else { continue };
+        if let Some(EntryData::Addresses { v4, v6 }) = table.get_key(key).map(|e| &*e.data) {
+            additionals.extend(v4.iter().map(|ip| record(target.clone(), ttl, RData::A(A(*ip)))));
+            additionals.extend(v6.iter().map(|ip| record(target.clone(), ttl, RData::AAAA(AAAA(*ip)))));
+        }
+        answers.push(record(owner.clone(), ttl, RData::SRV(SRV::new(0, weight, port, target))));
+    }
+    let mut answer = LocalAnswer::new(rule, ResponseCode::NoError, answers, None, None);
+    answer.additionals = additionals;
+    Resolution::Local(Box::new(answer))
 }
 
 fn local(
@@ -341,7 +372,10 @@ mod tests {
         let t = table(true, &["a.svc.cluster.local"]);
         for name in ["db.a.svc.cluster.local", "db-0.db.a.svc.cluster.local"] {
             let res = resolve(&t, &fqdn(name).unwrap(), RecordType::A);
-            assert!(matches!(&res, Resolution::Local(a) if a.rule == Rule::NxDomain), "{name}: {res:?}");
+            assert!(
+                matches!(&res, Resolution::Local(a) if a.rule == Rule::NxDomain),
+                "{name}: {res:?}"
+            );
         }
         let cases = [
             ("10.3.76.10.in-addr.arpa.", Some("10.76.3.10")),
@@ -360,10 +394,18 @@ mod tests {
             let got = reverse_ip(&Name::from_ascii(name).unwrap());
             assert_eq!(got, want.map(|w| w.parse().unwrap()), "{name}");
         }
-        let ptr = resolve(&t, &Name::from_ascii("1.0.0.10.in-addr.arpa.").unwrap(), RecordType::PTR);
+        let ptr = resolve(
+            &t,
+            &Name::from_ascii("1.0.0.10.in-addr.arpa.").unwrap(),
+            RecordType::PTR,
+        );
         assert_eq!(first_answer(&ptr).as_deref(), Some("web.a.svc.cluster.local."));
         let other = resolve(&t, &Name::from_ascii("9.9.9.9.in-addr.arpa.").unwrap(), RecordType::PTR);
-        assert_eq!(other, Resolution::Forward, "reverse names meshdns does not own go upstream");
+        assert_eq!(
+            other,
+            Resolution::Forward,
+            "reverse names meshdns does not own go upstream"
+        );
     }
 
     #[test]

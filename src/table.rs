@@ -30,20 +30,14 @@ pub enum EntryData {
     /// The name is an alias (CNAME) of another name: an ExternalName service, or a gateway
     /// whose load balancer is given as a host name.
     Alias(Name),
-    /// The SRV records of one `_<port>._<proto>.<svc>` name; the targets' addresses go in the
-    /// additional section.
-    Srv(Vec<SrvTarget>),
+    /// `_<port>._<proto>.<svc>` of a service answered by its own name (ClusterIP or remote):
+    /// one SRV record, to the service name two labels up, whose addresses are that entry's.
+    SrvService { port: u16 },
+    /// `_<port>._<proto>.<svc>` of a headless service: one SRV record per published pod, as
+    /// (pod name key, endpoint port).
+    SrvPods(Vec<(Box<[u8]>, u16)>),
     /// TXT strings (`dns-version.<zone>`).
     Txt(Vec<String>),
-}
-
-/// One SRV record and the addresses of its target.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SrvTarget {
-    pub port: u16,
-    pub target: Name,
-    pub v4: Vec<Ipv4Addr>,
-    pub v6: Vec<Ipv6Addr>,
 }
 
 /// The Kubernetes DNS schema version meshdns implements (kubernetes/dns specification.md).
@@ -98,7 +92,7 @@ pub struct Table {
     /// `svc.<zone>`): they have no records but must not be denied (RFC 8020).
     empty_non_terminals: HashSet<Box<[u8]>>,
     /// Reverse names: local ClusterIPs and local headless endpoint IPs, to the name they serve.
-    ptr: HashMap<IpAddr, Name>,
+    ptr: HashMap<IpAddr, Box<[u8]>>,
     cluster_domain: Name,
     svc_zone: Name,
     search: Vec<Name>,
@@ -210,9 +204,9 @@ impl Table {
         self.entries.get(key)
     }
 
-    /// The name a local ClusterIP or headless endpoint IP serves.
-    pub fn ptr(&self, ip: &IpAddr) -> Option<&Name> {
-        self.ptr.get(ip)
+    /// The key of the name a local ClusterIP or headless endpoint IP serves.
+    pub fn ptr(&self, ip: &IpAddr) -> Option<&[u8]> {
+        self.ptr.get(ip).map(|k| &k[..])
     }
 
     pub fn is_empty_non_terminal(&self, key: &[u8]) -> bool {
@@ -275,7 +269,7 @@ struct Builder {
     svc_key: KeyBuf,
     entries: HashMap<Box<[u8]>, Entry>,
     ents: HashSet<Box<[u8]>>,
-    ptr: HashMap<IpAddr, Name>,
+    ptr: HashMap<IpAddr, Box<[u8]>>,
     report: BuildReport,
 }
 
@@ -303,25 +297,14 @@ impl Builder {
             let Some(name_key) = self.service_key(key) else {
                 continue;
             };
-            let Some(name) = to_name(name_key.as_bytes()) else {
-                continue;
-            };
             match &svc.kind {
                 ServiceKind::ClusterIp(ips) => {
-                    let (v4, v6) = split(ips.iter().copied());
+                    let boxed = name_key.to_boxed();
                     for ip in ips {
-                        self.ptr.insert(*ip, name.clone());
+                        self.ptr.insert(*ip, boxed.clone());
                     }
-                    let targets = |port: &ServicePort| {
-                        vec![SrvTarget {
-                            port: port.port,
-                            target: name.clone(),
-                            v4: v4.clone(),
-                            v6: v6.clone(),
-                        }]
-                    };
-                    self.srv(&name_key, &svc.ports, targets, &origin);
-                    self.insert_service(&name_key, EntryData::Addresses { v4, v6 }, &origin);
+                    self.srv(&name_key, &svc.ports, |port| EntryData::SrvService { port: port.port }, &origin);
+                    self.insert_service(&name_key, addresses(ips.iter().copied()), &origin);
                 }
                 ServiceKind::ExternalName(target) => {
                     if let Some(target) = fqdn(target) {
@@ -342,34 +325,24 @@ impl Builder {
     /// remote copy can answer (failover) or, without one, the name does not exist.
     fn headless(&mut self, key: &KeyBuf, svc: &Service, slices: &[&EndpointSlice], origin: &Origin) {
         // Per-pod names: the hostname, or the address with dashes, under the service name.
-        let mut pods: Vec<(KeyBuf, Name, Vec<IpAddr>, Vec<&ServicePort>)> = Vec::new();
+        // Dual-stack services have one slice per family, whose pods share names.
+        let mut pods: Vec<(KeyBuf, Vec<IpAddr>, &[ServicePort])> = Vec::new();
         let mut all = Vec::new();
         for slice in slices {
             for endpoint in slice.endpoints.iter().filter(|e| e.ready || svc.publish_not_ready) {
-                let ports: Vec<&ServicePort> = slice.ports.iter().collect();
+                all.extend(endpoint.addresses.iter().copied());
                 let labels: Vec<(String, Vec<IpAddr>)> = match &endpoint.hostname {
                     Some(host) => vec![(host.clone(), endpoint.addresses.clone())],
                     None => endpoint.addresses.iter().map(|ip| (dashed(ip), vec![*ip])).collect(),
                 };
-                all.extend(endpoint.addresses.iter().copied());
                 for (label, ips) in labels {
                     let mut pod_key = KeyBuf::default();
-                    if pod_key
-                        .push_label(label.as_bytes())
-                        .and_then(|()| pod_key.push_key(key.as_bytes()))
-                        .is_none()
-                    {
+                    if pod_key.push_label(label.as_bytes()).and_then(|()| pod_key.push_key(key.as_bytes())).is_none() {
                         continue;
                     }
-                    // Dual-stack services have one slice per family; their pods share names.
                     match pods.iter_mut().find(|p| p.0.as_bytes() == pod_key.as_bytes()) {
-                        Some(pod) => pod.2.extend(ips),
-                        None => {
-                            let Some(pod_name) = to_name(pod_key.as_bytes()) else {
-                                continue;
-                            };
-                            pods.push((pod_key, pod_name, ips, ports.clone()));
-                        }
+                        Some(pod) => pod.1.extend(ips),
+                        None => pods.push((pod_key, ips, &slice.ports)),
                     }
                 }
             }
@@ -377,35 +350,30 @@ impl Builder {
         if all.is_empty() {
             return;
         }
-        for (pod_key, pod_name, ips, _) in &pods {
+        for (pod_key, ips, _) in &pods {
+            let boxed = pod_key.to_boxed();
             for ip in ips {
-                self.ptr.insert(*ip, pod_name.clone());
+                self.ptr.insert(*ip, boxed.clone());
             }
-            self.entries.insert(
-                pod_key.to_boxed(),
-                Entry {
-                    data: Arc::new(addresses(ips.iter().copied())),
-                    origin: origin.clone(),
-                },
-            );
+            let entry = Entry {
+                data: Arc::new(addresses(ips.iter().copied())),
+                origin: origin.clone(),
+            };
+            self.entries.insert(boxed, entry);
         }
         // One SRV target per published pod, on the endpoint's port of the same name.
         let targets = |port: &ServicePort| {
-            pods.iter()
-                .map(|(_, pod_name, ips, ports)| {
+            let targets = pods
+                .iter()
+                .map(|(pod_key, _, ports)| {
                     let endpoint_port = ports
                         .iter()
                         .find(|p| p.name == port.name && p.protocol == port.protocol)
                         .map_or(port.port, |p| p.port);
-                    let (v4, v6) = split(ips.iter().copied());
-                    SrvTarget {
-                        port: endpoint_port,
-                        target: pod_name.clone(),
-                        v4,
-                        v6,
-                    }
+                    (pod_key.to_boxed(), endpoint_port)
                 })
-                .collect()
+                .collect();
+            EntryData::SrvPods(targets)
         };
         self.srv(key, &svc.ports, targets, origin);
         self.insert_service(key, addresses(all.into_iter()), origin);
@@ -413,13 +381,7 @@ impl Builder {
 
     /// `_<port>._<proto>.<svc>` for every named port, and `_<proto>.<svc>` as an empty
     /// non-terminal.
-    fn srv(
-        &mut self,
-        key: &KeyBuf,
-        ports: &[ServicePort],
-        targets: impl Fn(&ServicePort) -> Vec<SrvTarget>,
-        origin: &Origin,
-    ) {
+    fn srv(&mut self, key: &KeyBuf, ports: &[ServicePort], data: impl Fn(&ServicePort) -> EntryData, origin: &Origin) {
         for port in ports {
             let Some(port_name) = &port.name else { continue };
             let proto: &[u8] = match port.protocol {
@@ -428,30 +390,32 @@ impl Builder {
                 PortProtocol::Sctp => b"_sctp",
             };
             let mut proto_key = KeyBuf::default();
-            if proto_key
-                .push_label(proto)
-                .and_then(|()| proto_key.push_key(key.as_bytes()))
-                .is_none()
-            {
+            if proto_key.push_label(proto).and_then(|()| proto_key.push_key(key.as_bytes())).is_none() {
                 continue;
             }
+            // `_` and the port name (at most 15 characters in Kubernetes) as one label.
+            let mut label = [0u8; 64];
+            let Some(rest) = label.get_mut(1..=port_name.len()) else {
+                continue;
+            };
+            rest.copy_from_slice(port_name.as_bytes());
+            label[0] = b'_';
             let mut srv_key = KeyBuf::default();
-            let label = format!("_{port_name}");
             if srv_key
-                .push_label(label.as_bytes())
+                .push_label(&label[..=port_name.len()])
                 .and_then(|()| srv_key.push_key(proto_key.as_bytes()))
                 .is_none()
             {
                 continue;
             }
-            self.ents.insert(proto_key.to_boxed());
-            self.entries.insert(
-                srv_key.to_boxed(),
-                Entry {
-                    data: Arc::new(EntryData::Srv(targets(port))),
-                    origin: origin.clone(),
-                },
-            );
+            if !self.ents.contains(proto_key.as_bytes()) {
+                self.ents.insert(proto_key.to_boxed());
+            }
+            let entry = Entry {
+                data: Arc::new(data(port)),
+                origin: origin.clone(),
+            };
+            self.entries.insert(srv_key.to_boxed(), entry);
         }
     }
 
@@ -518,18 +482,8 @@ impl Builder {
             if key.push_key(&name).is_none() {
                 continue;
             }
-            if svc.ports.iter().any(|p| p.name.is_some())
-                && let (Some(target), EntryData::Addresses { v4, v6 }) = (to_name(&name), &*entry.data)
-            {
-                let targets = |port: &ServicePort| {
-                    vec![SrvTarget {
-                        port: port.port,
-                        target: target.clone(),
-                        v4: v4.clone(),
-                        v6: v6.clone(),
-                    }]
-                };
-                self.srv(&key, &svc.ports, targets, &entry.origin);
+            if matches!(&*entry.data, EntryData::Addresses { .. }) {
+                self.srv(&key, &svc.ports, |port| EntryData::SrvService { port: port.port }, &entry.origin);
             }
             self.entries.insert(name, entry);
             self.namespace_exists(&key);
@@ -540,13 +494,6 @@ impl Builder {
 /// CoreDNS's per-pod label for an endpoint without a hostname: the address with dashes.
 pub fn dashed(ip: &IpAddr) -> String {
     ip.to_string().replace(['.', ':'], "-")
-}
-
-fn split(ips: impl Iterator<Item = IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
-    match addresses(ips) {
-        EntryData::Addresses { v4, v6 } => (v4, v6),
-        _ => (Vec::new(), Vec::new()),
-    }
 }
 
 /// The answer for services held by exactly the clusters `holders`: their gateways' addresses.

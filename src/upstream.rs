@@ -17,8 +17,11 @@
 use std::{
     fmt, io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
+
+use arc_swap::ArcSwap;
 
 use hickory_proto::{
     op::{Header, Message, MessageType, Query, ResponseCode},
@@ -30,6 +33,8 @@ use tokio::{
     time::Instant,
 };
 use tracing::{debug, trace};
+
+use crate::metrics::{Metrics, UpstreamFailure, UpstreamStats};
 
 /// Per-attempt budget for one upstream.
 pub const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -152,21 +157,60 @@ pub trait Forward: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<Message, ForwardError>> + Send;
 }
 
-/// Forwards queries to the configured upstreams, one fresh socket per attempt.
-#[derive(Clone, Debug)]
-pub struct Forwarder {
+/// The upstream list in force and the counters of each upstream, same order.
+#[derive(Debug)]
+struct Upstreams {
     config: UpstreamConfig,
+    /// Empty when the forwarder records no metrics.
+    stats: Vec<UpstreamStats>,
+}
+
+/// Forwards queries to the configured upstreams, one fresh socket per attempt.
+#[derive(Debug)]
+pub struct Forwarder {
+    /// Swapped whole when a re-read config changes it; a query in flight keeps the list it
+    /// started with.
+    upstreams: ArcSwap<Upstreams>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Forwarder {
     /// A forwarder for `config`; sockets are made per attempt, so there is
     /// nothing to set up here.
     pub fn from_parts(config: UpstreamConfig) -> Self {
-        Self { config }
+        Self {
+            upstreams: ArcSwap::from_pointee(Upstreams {
+                config,
+                stats: Vec::new(),
+            }),
+            metrics: None,
+        }
     }
 
-    pub fn config(&self) -> &UpstreamConfig {
-        &self.config
+    /// Like [`Forwarder::from_parts`], counting every exchange in `metrics`.
+    pub fn with_metrics(config: UpstreamConfig, metrics: Arc<Metrics>) -> Self {
+        let forwarder = Self {
+            upstreams: ArcSwap::from_pointee(Upstreams {
+                config: UpstreamConfig::new(Vec::new()),
+                stats: Vec::new(),
+            }),
+            metrics: Some(metrics),
+        };
+        forwarder.set_config(config);
+        forwarder
+    }
+
+    pub fn config(&self) -> UpstreamConfig {
+        self.upstreams.load().config.clone()
+    }
+
+    /// Replaces the upstream list and timeouts; queries already in flight finish with the old.
+    pub fn set_config(&self, config: UpstreamConfig) {
+        let stats = match &self.metrics {
+            Some(metrics) => config.servers.iter().map(|s| metrics.upstream(*s)).collect(),
+            None => Vec::new(),
+        };
+        self.upstreams.store(Arc::new(Upstreams { config, stats }));
     }
 
     /// Walks the upstream list until one gives a usable answer or the
@@ -174,6 +218,7 @@ impl Forwarder {
     /// outer timeout is only a backstop.
     async fn forward_all(
         &self,
+        upstreams: &Upstreams,
         query: &[u8],
         expected: &Query,
         client_id: u16,
@@ -183,16 +228,25 @@ impl Forwarder {
         // The outcome of the most recent attempt: a SERVFAIL/REFUSED reply is
         // worth relaying only if nothing after it was tried.
         let mut last: Option<Result<Message, ForwardError>> = None;
-        for &upstream in &self.config.servers {
+        for (i, &upstream) in upstreams.config.servers.iter().enumerate() {
             if Instant::now() >= deadline {
                 break;
             }
-            match self.ask(upstream, query, expected, transport, deadline).await {
+            let stats = upstreams.stats.get(i);
+            let target = Target {
+                config: &upstreams.config,
+                stats,
+                upstream,
+            };
+            match target.ask(query, expected, transport, deadline).await {
                 Ok(mut reply) => {
                     reply.metadata.id = client_id;
                     let rcode = reply.metadata.response_code;
                     if rcode == ResponseCode::ServFail || rcode == ResponseCode::Refused {
                         debug!(%upstream, %rcode, "upstream declined, trying the next one");
+                        if let Some(stats) = stats {
+                            stats.failure(UpstreamFailure::Declined);
+                        }
                         last = Some(Ok(reply));
                     } else {
                         return Ok(reply);
@@ -206,37 +260,66 @@ impl Forwarder {
         }
         last.unwrap_or(Err(ForwardError::Deadline))
     }
+}
 
-    /// One upstream: UDP with a TCP retry on truncation, or TCP only.
+/// One upstream of the list in force, with its counters.
+struct Target<'a> {
+    config: &'a UpstreamConfig,
+    stats: Option<&'a UpstreamStats>,
+    upstream: SocketAddr,
+}
+
+impl Target<'_> {
+    /// UDP with a TCP retry on truncation, or TCP only.
     async fn ask(
         &self,
-        upstream: SocketAddr,
         query: &[u8],
         expected: &Query,
         transport: Transport,
         deadline: Instant,
     ) -> Result<Message, ForwardError> {
         if transport == Transport::Udp {
-            let reply = self
-                .attempt(upstream, query, expected, Transport::Udp, deadline)
-                .await?;
+            let reply = self.attempt(query, expected, Transport::Udp, deadline).await?;
             if !reply.metadata.truncation {
                 return Ok(reply);
             }
-            debug!(%upstream, "truncated UDP reply, retrying over TCP");
+            debug!(upstream = %self.upstream, "truncated UDP reply, retrying over TCP");
         }
-        self.attempt(upstream, query, expected, Transport::Tcp, deadline).await
+        self.attempt(query, expected, Transport::Tcp, deadline).await
     }
 
-    /// One exchange under `min(try_timeout, time left)`.
+    /// One exchange under `min(try_timeout, time left)`, counted in `stats`.
     async fn attempt(
         &self,
-        upstream: SocketAddr,
         query: &[u8],
         expected: &Query,
         transport: Transport,
         deadline: Instant,
     ) -> Result<Message, ForwardError> {
+        let started = Instant::now();
+        if let Some(stats) = self.stats {
+            stats.attempt(transport);
+        }
+        let result = self.exchange(query, expected, transport, deadline).await;
+        if let Some(stats) = self.stats {
+            match &result {
+                Ok(_) => stats.replied(started.elapsed()),
+                Err(ForwardError::Timeout { .. }) => stats.failure(UpstreamFailure::Timeout),
+                Err(ForwardError::BadReply { .. }) => stats.failure(UpstreamFailure::BadReply),
+                Err(_) => stats.failure(UpstreamFailure::Network),
+            }
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        query: &[u8],
+        expected: &Query,
+        transport: Transport,
+        deadline: Instant,
+    ) -> Result<Message, ForwardError> {
+        let upstream = self.upstream;
         let budget = self
             .config
             .try_timeout
@@ -285,16 +368,17 @@ impl Forwarder {
 impl Forward for Forwarder {
     async fn forward(&self, query: &[u8], transport: Transport) -> Result<Message, ForwardError> {
         let (client_id, expected) = parse_query(query)?;
-        if self.config.servers.is_empty() {
+        let upstreams = self.upstreams.load_full();
+        if upstreams.config.servers.is_empty() {
             return Err(ForwardError::NoUpstreams);
         }
         let start = Instant::now();
         // A config with an absurd deadline must not panic on overflow; a
         // year is "no deadline" for a DNS query.
         let deadline = start
-            .checked_add(self.config.deadline)
+            .checked_add(upstreams.config.deadline)
             .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600));
-        let all = self.forward_all(query, &expected, client_id, transport, deadline);
+        let all = self.forward_all(&upstreams, query, &expected, client_id, transport, deadline);
         match tokio::time::timeout_at(deadline, all).await {
             Ok(result) => result,
             Err(_elapsed) => Err(ForwardError::Deadline),

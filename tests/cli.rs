@@ -141,7 +141,10 @@ async fn dig_against_the_demo() {
             &["+short", "SRV", "_http._tcp.helloworld.helloworld.svc.cluster.local"],
             "0 100 5000 helloworld.helloworld.svc.cluster.local.\n",
         ),
-        (&["+short", "-x", "10.96.120.15"], "helloworld.helloworld.svc.cluster.local.\n"),
+        (
+            &["+short", "-x", "10.96.120.15"],
+            "helloworld.helloworld.svc.cluster.local.\n",
+        ),
         (&["+short", "TXT", "dns-version.cluster.local"], "\"1.1.0\"\n"),
     ];
     for (args, want) in cases {

@@ -385,7 +385,10 @@ async fn answer_rules_over_udp_and_tcp() {
             assert_eq!(reply.metadata.authoritative, case.want_local, "{label}: AA");
             assert!(reply.metadata.recursion_available, "{label}: RA");
             let asked_upstream = upstream.udp_queries() + upstream.tcp_queries() > before;
-            let chased = case.want_answers.iter().any(|a| a.starts_with("CNAME") && a.ends_with(".test."));
+            let chased = case
+                .want_answers
+                .iter()
+                .any(|a| a.starts_with("CNAME") && a.ends_with(".test."));
             assert_eq!(asked_upstream, !case.want_local || chased, "{label}: upstream asked");
             if case.want_local {
                 // Every record hangs off the question's name or a CNAME target before it.

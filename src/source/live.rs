@@ -352,7 +352,10 @@ pub fn convert_slice(slice: &K8sEndpointSlice) -> Option<EndpointSlice> {
         .filter_map(|p| {
             Some(ServicePort {
                 name: p.name.clone().filter(|n| !n.is_empty()),
-                port: p.port.and_then(|port| u16::try_from(port).ok()).filter(|&port| port != 0)?,
+                port: p
+                    .port
+                    .and_then(|port| u16::try_from(port).ok())
+                    .filter(|&port| port != 0)?,
                 protocol: PortProtocol::parse(p.protocol.as_deref())?,
             })
         })
