@@ -80,7 +80,7 @@ async fn main() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config =
-        String::from("listen: [\"127.0.0.1:0\"]\nupstreams: [\"127.0.0.1:9\"]\nstartupWait: 60s\nclusters:\n");
+        String::from("listen: [\"127.0.0.1:0\"]\nadmin: \"\"\nupstreams: [\"127.0.0.1:9\"]\nstartupWait: 60s\nclusters:\n");
     for (c, server) in servers.iter().enumerate() {
         let name = format!("cluster-{}", c + 1);
         server
@@ -116,6 +116,9 @@ async fn main() {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if echo {
                 eprintln!("{line}");
+            }
+            if !line.contains("listening for DNS") {
+                continue;
             }
             let addr = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next());
             if let Some(Ok(addr)) = addr.map(str::parse::<SocketAddr>) {
