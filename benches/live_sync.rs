@@ -79,8 +79,9 @@ async fn main() {
     );
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config =
-        String::from("listen: [\"127.0.0.1:0\"]\nadmin: \"\"\nupstreams: [\"127.0.0.1:9\"]\nstartupWait: 60s\nclusters:\n");
+    let mut config = String::from(
+        "listen: [\"127.0.0.1:0\"]\nadmin: \"\"\nupstreams: [\"127.0.0.1:9\"]\nstartupWait: 60s\nclusters:\n",
+    );
     for (c, server) in servers.iter().enumerate() {
         let name = format!("cluster-{}", c + 1);
         server

@@ -30,7 +30,8 @@ fn state(cluster: usize) -> ClusterState {
                     name: Some("http".into()),
                     port: 80,
                     protocol: PortProtocol::Tcp,
-                }],
+                }]
+                .into(),
                 publish_not_ready: false,
             },
         );

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -82,7 +83,8 @@ pub enum Ingress {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub kind: ServiceKind,
-    pub ports: Vec<ServicePort>,
+    /// Shared with the name table, which answers SRV queries from it.
+    pub ports: Arc<[ServicePort]>,
     /// `spec.publishNotReadyAddresses`: headless names then include endpoints that are not ready.
     pub publish_not_ready: bool,
 }

@@ -91,7 +91,7 @@ fn entry_kind(data: &EntryData) -> (&'static [RecordType], &'static str) {
     match data {
         EntryData::Addresses { .. } => (&[RecordType::A, RecordType::AAAA], "ClusterIP"),
         EntryData::Alias(_) => (&[RecordType::CNAME], "alias"),
-        EntryData::SrvService { .. } | EntryData::SrvPods(_) => (&[RecordType::SRV], "SRV"),
+        EntryData::SrvPods(_) => (&[RecordType::SRV], "SRV"),
         EntryData::Txt(_) => (&[RecordType::TXT], "TXT"),
     }
 }

@@ -10,8 +10,8 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use crate::name_key::{KeyBuf, ancestors, to_name};
-use crate::table::{Entry, EntryData, Table};
+use crate::name_key::{KeyBuf, to_name};
+use crate::table::{Entry, EntryData, Found, Table};
 
 /// Which rule produced a local answer; used for logs and metrics labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,13 +64,16 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
     let Some(key) = KeyBuf::from_name(qname) else {
         return Resolution::Forward;
     };
-    if let Some(entry) = table.get_key(key.as_bytes()) {
-        return answer_entry(table, qname, key.as_bytes(), entry, qtype, Vec::new(), Rule::Table);
+    if let Some(found) = table.find(key.as_bytes()) {
+        return answer_found(table, qname, found, qtype, Vec::new(), Rule::Table);
     }
     if !table.cluster_domain().zone_of(qname) {
         return reverse(table, qname, qtype);
     }
-    if let Some((canonical_key, entry)) = search_shortcut(table, qname) {
+    if let Some(canonical_key) = search_shortcut(table, qname) {
+        let Some(found) = table.find(canonical_key.as_bytes()) else {
+            return Resolution::Forward;
+        };
         let Some(canonical) = to_name(canonical_key.as_bytes()) else {
             return Resolution::Forward;
         };
@@ -78,8 +81,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
         if qtype == RecordType::CNAME {
             return local(Rule::SearchShortcut, ResponseCode::NoError, vec![alias], None, None);
         }
-        let key = canonical_key.as_bytes();
-        return answer_entry(table, &canonical, key, entry, qtype, vec![alias], Rule::SearchShortcut);
+        return answer_found(table, &canonical, found, qtype, vec![alias], Rule::SearchShortcut);
     }
     if !table.svc_zone().zone_of(qname) {
         // Other names of the cluster domain (pods, the apex) belong to the cluster's DNS.
@@ -109,7 +111,7 @@ pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
 /// The table name that the client's search walk would reach next, if `qname` is a table name
 /// with an in-zone search domain appended: the later search domains in order, then the name
 /// as an absolute one (what glibc and musl try after the search list).
-fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(KeyBuf, &'t Entry)> {
+fn search_shortcut(table: &Table, qname: &Name) -> Option<KeyBuf> {
     let labels = usize::from(qname.num_labels());
     for (i, domain) in table.search().iter().enumerate() {
         let dl = usize::from(domain.num_labels());
@@ -123,8 +125,8 @@ fn search_shortcut<'t>(table: &'t Table, qname: &Name) -> Option<(KeyBuf, &'t En
             if candidate.push_key(suffix).is_none() {
                 continue;
             }
-            if let Some(entry) = table.get_key(candidate.as_bytes()) {
-                return Some((candidate, entry));
+            if table.find(candidate.as_bytes()).is_some() {
+                return Some(candidate);
             }
         }
     }
@@ -182,10 +184,31 @@ pub fn reverse_ip(qname: &Name) -> Option<IpAddr> {
     }
 }
 
+/// The answer for a name the table knows, as `owner`.
+fn answer_found(
+    table: &Table,
+    owner: &Name,
+    found: Found<'_>,
+    qtype: RecordType,
+    answers: Vec<Record>,
+    rule: Rule,
+) -> Resolution {
+    let srv_query = matches!(qtype, RecordType::SRV | RecordType::ANY);
+    match found {
+        Found::Entry(entry) => answer_entry(table, owner, entry, qtype, answers, rule),
+        Found::Srv { target, port } if srv_query => {
+            srv_answer(table, owner, std::iter::once((target, port)), answers, rule)
+        }
+        Found::Srv { .. } | Found::ProtoLevel => {
+            let rule = if rule == Rule::Table { Rule::NoData } else { rule };
+            local(rule, ResponseCode::NoError, answers, Some(table.soa().clone()), None)
+        }
+    }
+}
+
 fn answer_entry(
     table: &Table,
     owner: &Name,
-    key: &[u8],
     entry: &Entry,
     qtype: RecordType,
     mut answers: Vec<Record>,
@@ -215,11 +238,6 @@ fn answer_entry(
             }
             local(rule, ResponseCode::NoError, answers, None, None)
         }
-        EntryData::SrvService { port } if matches!(qtype, RecordType::SRV | RecordType::ANY) => {
-            // The service's name is two labels up: `_<port>._<proto>.<svc>`.
-            let target = ancestors(key).nth(1).map(|k| (k, *port));
-            srv_answer(table, owner, target.into_iter(), answers, rule)
-        }
         EntryData::SrvPods(pods) if matches!(qtype, RecordType::SRV | RecordType::ANY) => {
             srv_answer(table, owner, pods.iter().map(|(k, p)| (&k[..], *p)), answers, rule)
         }
@@ -227,7 +245,7 @@ fn answer_entry(
             answers.push(record(owner.clone(), ttl, RData::TXT(TXT::new(strings.clone()))));
             local(rule, ResponseCode::NoError, answers, None, None)
         }
-        EntryData::SrvService { .. } | EntryData::SrvPods(_) | EntryData::Txt(_) => {
+        EntryData::SrvPods(_) | EntryData::Txt(_) => {
             let rule = if rule == Rule::Table { Rule::NoData } else { rule };
             local(rule, ResponseCode::NoError, answers, Some(table.soa().clone()), None)
         }
@@ -252,7 +270,11 @@ fn srv_answer<'k>(
             additionals.extend(v4.iter().map(|ip| record(target.clone(), ttl, RData::A(A(*ip)))));
             additionals.extend(v6.iter().map(|ip| record(target.clone(), ttl, RData::AAAA(AAAA(*ip)))));
         }
-        answers.push(record(owner.clone(), ttl, RData::SRV(SRV::new(0, weight, port, target))));
+        answers.push(record(
+            owner.clone(),
+            ttl,
+            RData::SRV(SRV::new(0, weight, port, target)),
+        ));
     }
     let mut answer = LocalAnswer::new(rule, ResponseCode::NoError, answers, None, None);
     answer.additionals = additionals;
@@ -309,7 +331,8 @@ mod tests {
                 name: None,
                 port: 80,
                 protocol: PortProtocol::Tcp,
-            }],
+            }]
+            .into(),
             publish_not_ready: false,
         }
     }

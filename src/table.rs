@@ -30,9 +30,6 @@ pub enum EntryData {
     /// The name is an alias (CNAME) of another name: an ExternalName service, or a gateway
     /// whose load balancer is given as a host name.
     Alias(Name),
-    /// `_<port>._<proto>.<svc>` of a service answered by its own name (ClusterIP or remote):
-    /// one SRV record, to the service name two labels up, whose addresses are that entry's.
-    SrvService { port: u16 },
     /// `_<port>._<proto>.<svc>` of a headless service: one SRV record per published pod, as
     /// (pod name key, endpoint port).
     SrvPods(Vec<(Box<[u8]>, u16)>),
@@ -57,6 +54,24 @@ pub struct Entry {
     /// Shared: every remote service held by the same clusters has the same answer.
     pub data: Arc<EntryData>,
     pub origin: Origin,
+    /// The service's ports, for SRV names answered from this entry (ClusterIP and remote
+    /// services; headless services hold their per-pod SRV entries instead). Shared with the
+    /// cluster state, so SRV costs the table nothing until asked.
+    pub ports: Option<Arc<[ServicePort]>>,
+}
+
+/// What a key names in the table.
+#[derive(Clone, Copy, Debug)]
+pub enum Found<'t> {
+    Entry(&'t Entry),
+    /// `_<port>._<proto>.<svc>` of a service that has that named port: one SRV record to the
+    /// service (`target`, the key of its name).
+    Srv {
+        target: &'t [u8],
+        port: u16,
+    },
+    /// `_<proto>.<svc>` of a service with a named port of that protocol: exists, no records.
+    ProtoLevel,
 }
 
 /// Settings that shape the table but do not come from the clusters.
@@ -156,6 +171,7 @@ impl Table {
                 origin: Origin::Local {
                     cluster: Arc::from("meshdns"),
                 },
+                ports: None,
             };
             b.entries.insert(version.to_boxed(), entry);
         }
@@ -202,6 +218,32 @@ impl Table {
     /// Lookup by [`crate::name_key`] key: the hot path, no allocation.
     pub fn get_key(&self, key: &[u8]) -> Option<&Entry> {
         self.entries.get(key)
+    }
+
+    /// Like [`Table::get_key`], also finding the SRV names of services' named ports, which
+    /// are not stored but read from the service entry two (or one) labels up.
+    pub fn find<'t>(&'t self, key: &'t [u8]) -> Option<Found<'t>> {
+        if let Some(entry) = self.entries.get(key) {
+            return Some(Found::Entry(entry));
+        }
+        let (first, rest) = split_label(key)?;
+        let first = first.strip_prefix(b"_")?;
+        let named_port = |service: &[u8], proto: &[u8], name: Option<&[u8]>| {
+            let ports = self.entries.get(service)?.ports.as_ref()?;
+            ports.iter().find(|p| {
+                label_of(p.protocol) == proto && p.name.as_ref().is_some_and(|n| name.is_none_or(|w| n.as_bytes() == w))
+            })
+        };
+        match split_label(rest) {
+            Some((second, service)) if second.first() == Some(&b'_') => {
+                let port = named_port(service, second, Some(first))?;
+                Some(Found::Srv {
+                    target: service,
+                    port: port.port,
+                })
+            }
+            _ => named_port(rest, key.get(1..1 + first.len() + 1)?, None).map(|_| Found::ProtoLevel),
+        }
     }
 
     /// The key of the name a local ClusterIP or headless endpoint IP serves.
@@ -303,12 +345,12 @@ impl Builder {
                     for ip in ips {
                         self.ptr.insert(*ip, boxed.clone());
                     }
-                    self.srv(&name_key, &svc.ports, |port| EntryData::SrvService { port: port.port }, &origin);
-                    self.insert_service(&name_key, addresses(ips.iter().copied()), &origin);
+                    let data = addresses(ips.iter().copied());
+                    self.insert_service(&name_key, data, &origin, Some(Arc::clone(&svc.ports)));
                 }
                 ServiceKind::ExternalName(target) => {
                     if let Some(target) = fqdn(target) {
-                        self.insert_service(&name_key, EntryData::Alias(target), &origin);
+                        self.insert_service(&name_key, EntryData::Alias(target), &origin, None);
                     }
                 }
                 ServiceKind::Headless => {
@@ -337,7 +379,11 @@ impl Builder {
                 };
                 for (label, ips) in labels {
                     let mut pod_key = KeyBuf::default();
-                    if pod_key.push_label(label.as_bytes()).and_then(|()| pod_key.push_key(key.as_bytes())).is_none() {
+                    if pod_key
+                        .push_label(label.as_bytes())
+                        .and_then(|()| pod_key.push_key(key.as_bytes()))
+                        .is_none()
+                    {
                         continue;
                     }
                     match pods.iter_mut().find(|p| p.0.as_bytes() == pod_key.as_bytes()) {
@@ -358,6 +404,7 @@ impl Builder {
             let entry = Entry {
                 data: Arc::new(addresses(ips.iter().copied())),
                 origin: origin.clone(),
+                ports: None,
             };
             self.entries.insert(boxed, entry);
         }
@@ -376,7 +423,7 @@ impl Builder {
             EntryData::SrvPods(targets)
         };
         self.srv(key, &svc.ports, targets, origin);
-        self.insert_service(key, addresses(all.into_iter()), origin);
+        self.insert_service(key, addresses(all.into_iter()), origin, None);
     }
 
     /// `_<port>._<proto>.<svc>` for every named port, and `_<proto>.<svc>` as an empty
@@ -384,13 +431,13 @@ impl Builder {
     fn srv(&mut self, key: &KeyBuf, ports: &[ServicePort], data: impl Fn(&ServicePort) -> EntryData, origin: &Origin) {
         for port in ports {
             let Some(port_name) = &port.name else { continue };
-            let proto: &[u8] = match port.protocol {
-                PortProtocol::Tcp => b"_tcp",
-                PortProtocol::Udp => b"_udp",
-                PortProtocol::Sctp => b"_sctp",
-            };
+            let proto = label_of(port.protocol);
             let mut proto_key = KeyBuf::default();
-            if proto_key.push_label(proto).and_then(|()| proto_key.push_key(key.as_bytes())).is_none() {
+            if proto_key
+                .push_label(proto)
+                .and_then(|()| proto_key.push_key(key.as_bytes()))
+                .is_none()
+            {
                 continue;
             }
             // `_` and the port name (at most 15 characters in Kubernetes) as one label.
@@ -414,18 +461,20 @@ impl Builder {
             let entry = Entry {
                 data: Arc::new(data(port)),
                 origin: origin.clone(),
+                ports: None,
             };
             self.entries.insert(srv_key.to_boxed(), entry);
         }
     }
 
     /// A service's own name, and its namespace as an empty non-terminal.
-    fn insert_service(&mut self, key: &KeyBuf, data: EntryData, origin: &Origin) {
+    fn insert_service(&mut self, key: &KeyBuf, data: EntryData, origin: &Origin, ports: Option<Arc<[ServicePort]>>) {
         self.entries.insert(
             key.to_boxed(),
             Entry {
                 data: Arc::new(data),
                 origin: origin.clone(),
+                ports,
             },
         );
         self.namespace_exists(key);
@@ -477,17 +526,32 @@ impl Builder {
             let entry = answers
                 .entry(holders)
                 .or_insert_with_key(|holders| remote_entry(holders, &gateways, names, &mut self.report));
-            let Some(entry) = entry.clone() else { continue };
+            let Some(mut entry) = entry.clone() else { continue };
             let mut key = KeyBuf::default();
             if key.push_key(&name).is_none() {
                 continue;
             }
             if matches!(&*entry.data, EntryData::Addresses { .. }) {
-                self.srv(&key, &svc.ports, |port| EntryData::SrvService { port: port.port }, &entry.origin);
+                entry.ports = Some(Arc::clone(&svc.ports));
             }
             self.entries.insert(name, entry);
             self.namespace_exists(&key);
         }
+    }
+}
+
+/// The first label of a key and the key of its parent.
+fn split_label(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = usize::from(*key.first()?);
+    Some((key.get(1..1 + len)?, key.get(1 + len..)?))
+}
+
+/// The `_<proto>` label of a port protocol.
+fn label_of(protocol: PortProtocol) -> &'static [u8] {
+    match protocol {
+        PortProtocol::Tcp => b"_tcp",
+        PortProtocol::Udp => b"_udp",
+        PortProtocol::Sctp => b"_sctp",
     }
 }
 
@@ -533,6 +597,7 @@ fn remote_entry(
     };
     Some(Entry {
         data: Arc::new(data),
+        ports: None,
         origin: Origin::Remote {
             clusters: serving.into(),
         },
@@ -605,7 +670,8 @@ mod tests {
                 name: Some("http".into()),
                 port: 80,
                 protocol: crate::cluster::PortProtocol::Tcp,
-            }],
+            }]
+            .into(),
             publish_not_ready: false,
         }
     }

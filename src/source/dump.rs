@@ -783,7 +783,7 @@ impl<'a> Builder<'a> {
             key,
             Service {
                 kind,
-                ports,
+                ports: ports.into(),
                 publish_not_ready,
             },
         );
@@ -1004,7 +1004,7 @@ mod tests {
                 ServiceKind::ExternalName(name) => format!("external {name}"),
             };
             let mut line = format!("service {key} {kind}");
-            for port in &service.ports {
+            for port in service.ports.iter() {
                 let name = port.name.as_deref().unwrap_or("-");
                 line.push_str(&format!(" {name}:{}/{:?}", port.port, port.protocol));
             }

@@ -271,7 +271,7 @@ pub fn convert_service(svc: &K8sService) -> Result<Service, String> {
             }
         }
     };
-    let ports = spec
+    let ports: Vec<ServicePort> = spec
         .and_then(|s| s.ports.as_ref())
         .into_iter()
         .flatten()
@@ -285,7 +285,7 @@ pub fn convert_service(svc: &K8sService) -> Result<Service, String> {
         .collect();
     Ok(Service {
         kind,
-        ports,
+        ports: ports.into(),
         publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
     })
 }
