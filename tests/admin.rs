@@ -5,11 +5,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
@@ -17,7 +16,7 @@ use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use support::apiserver::{FakeApiServer, service};
 use support::dns::{Proto, ask, exchange, exchange_raw, query_msg};
-use support::process::BIN;
+use support::process::{BIN, Meshdns};
 use support::proxy::{ClusterSpec, Dump, Proxy, Spec, Src, write_config};
 use support::upstream::{Behavior, FakeUpstream, closed_port_addr};
 
@@ -387,64 +386,6 @@ async fn debug_pages_show_clusters_and_the_table() {
     );
 }
 
-/// A running `meshdns` binary whose log is collected; killed when dropped.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn meshdns");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// The `addr=` of the first log line containing `needle`.
-    fn addr(&self, needle: &str, limit: Duration) -> SocketAddr {
-        let started = Instant::now();
-        loop {
-            let found = self
-                .lines
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|l| l.contains(needle))
-                .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok());
-            if let Some(addr) = found {
-                return addr;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "no {needle:?} line: {:#?}",
-                self.lines.lock().unwrap_or_else(|p| p.into_inner())
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn wait_ready(admin: SocketAddr, limit: Duration) -> String {
     let started = Instant::now();
     loop {
@@ -479,8 +420,8 @@ async fn ready_waits_for_a_cluster_that_loads_late() {
     let config = write_config(dir.path(), &specs, &[closed_port_addr()], "startupWait: 60s\n");
     let config = config.to_str().unwrap().to_string();
     let body = tokio::task::spawn_blocking(move || {
-        let meshdns = Running::start(&["serve", "--config", &config]);
-        let admin = meshdns.addr("admin server listening", Duration::from_secs(10));
+        let meshdns = Meshdns::spawn(&["serve", "--config", &config], "info");
+        let admin = meshdns.logged_addr("admin server listening", Duration::from_secs(10));
         let started = Instant::now();
         while !get(admin, "/debug/clusters").1.contains("\"loaded\": true") {
             assert!(
@@ -509,7 +450,7 @@ async fn ready_waits_for_a_cluster_that_loads_late() {
         api.restart();
         let body = wait_ready(admin, RECOVERY_BOUND);
         // Ready means DNS is served.
-        let dns = meshdns.addr("listening for DNS", Duration::from_secs(5));
+        let dns = meshdns.logged_addr("listening for DNS", Duration::from_secs(5));
         let metrics = scrape(admin);
         assert_eq!(metrics.get("meshdns_ready"), Some(&1.0));
         assert_eq!(
@@ -546,8 +487,8 @@ async fn ready_once_the_startup_wait_expires() {
     let config = write_config(dir.path(), &specs, &[closed_port_addr()], "startupWait: 1s\n");
     let config = config.to_str().unwrap().to_string();
     tokio::task::spawn_blocking(move || {
-        let meshdns = Running::start(&["serve", "--config", &config]);
-        let admin = meshdns.addr("admin server listening", Duration::from_secs(10));
+        let meshdns = Meshdns::spawn(&["serve", "--config", &config], "info");
+        let admin = meshdns.logged_addr("admin server listening", Duration::from_secs(10));
         let started = Instant::now();
         let body = wait_ready(admin, Duration::from_secs(10));
         assert!(started.elapsed() < Duration::from_secs(5));

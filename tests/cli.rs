@@ -125,7 +125,7 @@ async fn dig_against_the_demo() {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let addr = demo.addr;
+    let addr = demo.dns_addr();
     let started = Instant::now();
 
     let cases: &[(&[&str], &str)] = &[

@@ -4,18 +4,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use support::dns::{Proto, answers, ask, exchange_raw, query_msg};
-use support::process::BIN;
+use support::process::Meshdns;
 use support::proxy::Dump;
 use support::upstream::{Behavior, FakeUpstream};
 
@@ -24,93 +21,6 @@ const START_WAIT: Duration = Duration::from_secs(20);
 const SOON: Duration = Duration::from_secs(5);
 /// How long a query of the burst waits for its answer: far more than a slow upstream takes.
 const QUERY_WAIT: Duration = Duration::from_secs(3);
-
-/// A `meshdns` process with its log; killed if still running when dropped.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(args: &[&str], rust_log: &str) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", rust_log)
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn meshdns");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The first log line containing every needle.
-    fn wait_log(&self, needles: &[&str], limit: Duration) -> String {
-        let started = Instant::now();
-        loop {
-            if let Some(line) = self.log().into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "no line with {needles:?} in {:#?}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn dns_addr(&self) -> SocketAddr {
-        let line = self.wait_log(&["listening for DNS"], START_WAIT);
-        line.split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line}"))
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -s {name}");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for meshdns") {
-                return status;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "meshdns still running after {limit:?}: {:#?}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Writes a config with these clusters (name, local, dump) into `dir`.
 fn write_config(dir: &Path, upstream: SocketAddr, extra: &str, clusters: &[(&str, bool, &Dump)]) -> String {
@@ -176,7 +86,7 @@ async fn sigterm_answers_every_query_received_before_it() {
         "upstreamTimeout: 2s\nupstreamDeadline: 3s\ndrainTimeout: 5s\n",
         &[("cluster-1", true, &local_dump())],
     );
-    let meshdns = Proc::start(&["serve", "--config", &config], "info");
+    let meshdns = Meshdns::spawn(&["serve", "--config", &config], "info");
     let dns = meshdns.dns_addr();
     let mut meshdns = Some(meshdns);
 
@@ -252,7 +162,7 @@ async fn the_drain_is_bounded_and_sigint_exits_0() {
         "upstreamTimeout: 20s\nupstreamDeadline: 30s\ndrainTimeout: 1s\n",
         &[("cluster-1", true, &local_dump())],
     );
-    let mut meshdns = Proc::start(&["serve", "--config", &config], "info");
+    let mut meshdns = Meshdns::spawn(&["serve", "--config", &config], "info");
     let dns = meshdns.dns_addr();
     let stuck = tokio::spawn(async move {
         let msg = query_msg("www.example.test.", RecordType::A, None, false);
@@ -303,7 +213,7 @@ async fn sighup_rereads_the_config() {
     let local = local_dump();
     let v1 = [("cluster-1", true, &local), ("cluster-2", false, &c2)];
     let config = write_config(dir.path(), upstream.addr, "", &v1);
-    let mut meshdns = Proc::start(&["serve", "--config", &config], "info");
+    let mut meshdns = Meshdns::spawn(&["serve", "--config", &config], "info");
     let dns = meshdns.dns_addr();
     // One line per start-up step.
     for step in [
@@ -381,7 +291,7 @@ async fn sighup_rereads_the_config() {
 async fn json_logs_with_a_line_per_query_at_debug() {
     let upstream = FakeUpstream::start(vec![], Behavior::Normal).await;
     let up = upstream.addr.to_string();
-    let meshdns = Proc::start(
+    let meshdns = Meshdns::spawn(
         &[
             "demo",
             "--listen",

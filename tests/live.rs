@@ -472,7 +472,7 @@ async fn remote_secrets_directory_adds_restarts_and_removes_clusters() {
     let proc = tokio::task::block_in_place(|| {
         support::process::Meshdns::start(&["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
     });
-    let proxy_addr = proc.addr;
+    let proxy_addr = proc.dns_addr();
     let check = |name: &'static str, want: &'static [&'static str], rcode: ResponseCode| async move {
         let started = Instant::now();
         loop {

@@ -1,9 +1,9 @@
-//! Running the built `meshdns` binary as an operator would, reading where it listens from its
-//! log, and keeping its log lines for assertions. The process is killed when dropped.
+//! Running the built `meshdns` binary as an operator would, keeping its log lines for
+//! assertions and reading the addresses it reports. The process is killed when dropped.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,17 +13,15 @@ pub const START_WAIT: Duration = Duration::from_secs(20);
 
 pub struct Meshdns {
     child: Child,
-    pub addr: SocketAddr,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Meshdns {
-    /// Starts `meshdns ARGS` (which should include `--listen 127.0.0.1:0`) and waits until it
-    /// logs the address it listens on.
-    pub fn start(args: &[&str]) -> Meshdns {
+    /// Starts `meshdns ARGS` with `RUST_LOG=rust_log`, collecting its stderr.
+    pub fn spawn(args: &[&str], rust_log: &str) -> Meshdns {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -31,35 +29,21 @@ impl Meshdns {
             .expect("spawn meshdns");
         let stderr = child.stderr.take().expect("stderr is piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("listening for DNS") {
-                        let addr = line
-                            .split("addr=")
-                            .nth(1)
-                            .and_then(|rest| rest.split_whitespace().next());
-                        if let Some(Ok(addr)) = addr.map(str::parse::<SocketAddr>) {
-                            let _ = tx.send(addr);
-                        }
-                    }
-                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                }
-            });
-        }
-        let addr = match rx.recv_timeout(START_WAIT) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "meshdns did not report its address: {:?}",
-                    lines.lock().unwrap_or_else(|p| p.into_inner())
-                );
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
-        };
-        Meshdns { child, addr, lines }
+        });
+        Meshdns { child, lines }
+    }
+
+    /// Starts `meshdns ARGS` (which should include `--listen 127.0.0.1:0`) and waits until it
+    /// listens for DNS.
+    pub fn start(args: &[&str]) -> Meshdns {
+        let meshdns = Self::spawn(args, "info");
+        meshdns.dns_addr();
+        meshdns
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -78,7 +62,47 @@ impl Meshdns {
                 "no log line with {needles:?} in {:#?}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The `addr=` of the first log line containing `needle`.
+    pub fn logged_addr(&self, needle: &str, limit: Duration) -> SocketAddr {
+        let line = self.wait_log(&[needle, "addr="], limit);
+        line.split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line}"))
+    }
+
+    /// Where it answers DNS (UDP and TCP share the address).
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.logged_addr("listening for DNS", START_WAIT)
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `HUP`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name}");
+    }
+
+    /// Waits for the process to exit; panics after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for meshdns") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "meshdns still running after {limit:?}: {:#?}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
