@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use crate::config::{ClusterSource, Config, Overrides, is_dns_label};
+use crate::cluster::is_dns_label;
+use crate::config::{ClusterSource, Config, Overrides};
 use crate::resolv::ResolvConf;
 use crate::source::kubeconfig::{parse_kubeconfig, read_kubeconfig};
 use crate::source::{load_dump, parse_dump};

@@ -210,6 +210,17 @@ impl fmt::Display for LabelSelector {
     }
 }
 
+/// Whether `s` is a lowercase DNS label (RFC 1123), as Kubernetes object and cluster names
+/// are; only such names can become one label of a DNS name.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// The selector Istio puts on its east-west gateway Service.
 pub const DEFAULT_GATEWAY_SELECTOR: &str = "istio=eastwestgateway";
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::cluster::{DEFAULT_GATEWAY_SELECTOR, Ingress, LabelSelector};
+use crate::cluster::{DEFAULT_GATEWAY_SELECTOR, Ingress, LabelSelector, is_dns_label};
 use crate::resolv::DNS_PORT;
 use crate::upstream::{DEFAULT_DEADLINE, DEFAULT_TRY_TIMEOUT};
 
@@ -525,16 +525,6 @@ fn parse_ingress(s: &str) -> Option<Ingress> {
     let host = s.trim_end_matches('.').to_ascii_lowercase();
     let valid = !host.is_empty() && host.split('.').all(is_dns_label_loose);
     valid.then_some(Ingress::Hostname(host))
-}
-
-/// Whether `s` can name a cluster: a lowercase DNS label.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 fn is_dns_label_loose(s: &str) -> bool {

@@ -12,7 +12,7 @@ use hickory_proto::rr::rdata::SOA;
 use hickory_proto::rr::{Name, RData, Record};
 
 use crate::cluster::{
-    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort,
+    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort, is_dns_label,
 };
 use crate::name_key::{KeyBuf, ancestors, to_name};
 
@@ -626,20 +626,12 @@ pub fn fqdn(s: &str) -> Option<Name> {
 
 /// The key of `<name>.<namespace>.svc.<zone>`; `None` unless both are DNS labels.
 fn service_key(key: &ObjectKey, svc_key: &KeyBuf) -> Option<KeyBuf> {
-    if !is_label(&key.name) || !is_label(&key.namespace) {
+    if !is_dns_label(&key.name) || !is_dns_label(&key.namespace) {
         return None;
     }
     let mut buf = KeyBuf::from_labels([key.name.as_bytes(), key.namespace.as_bytes()])?;
     buf.push_key(svc_key.as_bytes())?;
     Some(buf)
-}
-
-/// A Kubernetes object name usable as one DNS label.
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn soa_record(zone: &Name, negative_ttl: u32, generation: u64) -> Record {

@@ -179,7 +179,7 @@ fn read_entries(dir: &Path) -> Option<BTreeMap<String, String>> {
         if name.starts_with('.') {
             continue;
         }
-        if !crate::config::is_dns_label(&name) {
+        if !crate::cluster::is_dns_label(&name) {
             warn!(entry = %name, "remote secret entry is not a valid cluster name; ignored");
             continue;
         }
