@@ -1,5 +1,6 @@
 //! Assembling a running meshdns from a validated [`Config`]: resolv.conf, cluster sources, the
-//! hub that builds tables, the upstream forwarder, the admin server and the DNS listeners.
+//! hub that builds tables, the upstream forwarder and its response cache, the admin server and
+//! the DNS listeners.
 //! `main` and the integration tests start meshdns the same way, through [`App::start`];
 //! `meshdns explain` loads the same sources through [`Sources::open`] without binding anything.
 
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::admin::{AdminError, AdminServer, AdminState, Readiness};
+use crate::cache::Cache;
 use crate::config::{ClusterConfig, ClusterSource as SourceConfig, Config};
 use crate::handler::DnsHandler;
 use crate::hub::{ClusterMeta, Hub};
@@ -198,6 +200,7 @@ pub struct App {
     server: DnsServer,
     admin: Option<AdminServer>,
     forwarder: Arc<Forwarder>,
+    cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     readiness: Readiness,
     builder: JoinHandle<()>,
@@ -228,10 +231,15 @@ impl App {
         sources.wait_loaded(config.startup_wait).await;
         let builder = tokio::spawn(Arc::clone(&sources.hub).run());
 
-        let handler = DnsHandler::with_metrics(sources.hub.table(), Arc::clone(&forwarder), Arc::clone(&metrics));
+        let cache = Arc::new(Cache::with_metrics(config.cache, Arc::clone(&metrics)));
+        let handler = DnsHandler::with_metrics(sources.hub.table(), Arc::clone(&forwarder), Arc::clone(&metrics))
+            .with_cache(Arc::clone(&cache));
         let settings = ServerSettings {
-            tcp_idle_timeout: config.tcp_idle_timeout,
-            metrics: Arc::clone(&metrics),
+            fast_path: Some(sources.hub.table()),
+            max_udp_in_flight: config.limits.udp_in_flight,
+            max_tcp_connections: config.limits.tcp_connections,
+            max_tcp_pipeline: config.limits.tcp_pipeline,
+            ..ServerSettings::new(config.tcp_idle_timeout, Arc::clone(&metrics))
         };
         let server = match DnsServer::bind(&config.listen, handler, settings).await {
             Ok(server) => server,
@@ -251,6 +259,7 @@ impl App {
             server,
             admin,
             forwarder,
+            cache,
             metrics,
             readiness,
             builder,
@@ -275,9 +284,15 @@ impl App {
         &self.metrics
     }
 
+    /// The upstream response cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
     /// Applies a re-read config: clusters are added, removed or restarted, and the upstreams,
-    /// TTLs, search path and drain time take effect at once. Settings that only take effect at
-    /// start-up are logged. On any error nothing is changed.
+    /// TTLs, search path, cache settings and drain time take effect at once; the response cache
+    /// is emptied, so no answer of an old upstream outlives the reload. Settings that only take
+    /// effect at start-up are logged. On any error nothing is changed.
     pub async fn reload(&mut self, new: &Config) -> Result<(), AppError> {
         let result = self.apply(new).await;
         self.metrics.config_reloaded(result.is_ok());
@@ -315,7 +330,8 @@ impl App {
         }
         hub.set_settings(resolution.settings.clone());
         self.forwarder.set_config(resolution.upstream_config(new));
-        info!(upstreams = ?resolution.upstreams, search = ?resolution.settings.search, ttl = new.ttl, "config re-read and applied");
+        self.cache.reset(new.cache);
+        info!(upstreams = ?resolution.upstreams, search = ?resolution.settings.search, ttl = new.ttl, cache = ?new.cache, "config re-read and applied; response cache emptied");
 
         let mut restart = Vec::new();
         let mut applied = new.clone();
@@ -331,6 +347,7 @@ impl App {
         keep!(admin, "admin");
         keep!(worker_threads, "workerThreads");
         keep!(tcp_idle_timeout, "tcpIdleTimeout");
+        keep!(limits, "limits");
         keep!(remote_secrets_dir, "remoteSecretsDir");
         if !restart.is_empty() {
             warn!(fields = ?restart, "changed in the config file; these take effect after a restart");

@@ -11,8 +11,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::cache::{CacheSettings, MAX_SERVFAIL_TTL};
 use crate::cluster::{DEFAULT_GATEWAY_SELECTOR, Ingress, LabelSelector, is_dns_label};
 use crate::resolv::DNS_PORT;
+use crate::server::{DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_PIPELINE, DEFAULT_MAX_UDP_IN_FLIGHT};
 use crate::upstream::{DEFAULT_DEADLINE, DEFAULT_TRY_TIMEOUT};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
@@ -38,6 +40,8 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15054";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound for configured TTLs: one day, as most resolvers cap anyway.
 pub const MAX_TTL: u32 = 86_400;
+/// [`MAX_TTL`] as a duration, the bound of the cache's TTL caps.
+const MAX_TTL_DURATION: Duration = Duration::from_secs(MAX_TTL as u64);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -117,8 +121,47 @@ pub struct FileConfig {
     pub startup_wait: Option<String>,
     pub admin: Option<String>,
     pub drain_timeout: Option<String>,
+    pub cache: Option<FileCache>,
+    pub limits: Option<FileLimits>,
     #[serde(default)]
     pub clusters: Vec<FileCluster>,
+}
+
+/// The `cache:` block: the upstream response cache.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileCache {
+    pub max_entries: Option<usize>,
+    pub max_ttl: Option<String>,
+    pub negative_max_ttl: Option<String>,
+    pub servfail_ttl: Option<String>,
+}
+
+/// The `limits:` block: what one client (or all of them) can make the sidecar hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileLimits {
+    pub udp_in_flight: Option<usize>,
+    pub tcp_connections: Option<usize>,
+    pub tcp_pipeline: Option<usize>,
+}
+
+/// Resource caps of the DNS listeners (see [`crate::server::ServerSettings`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub udp_in_flight: usize,
+    pub tcp_connections: usize,
+    pub tcp_pipeline: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            udp_in_flight: DEFAULT_MAX_UDP_IN_FLIGHT,
+            tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            tcp_pipeline: DEFAULT_MAX_TCP_PIPELINE,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +249,9 @@ pub struct Config {
     pub startup_wait: Duration,
     /// After SIGTERM or SIGINT, how long queries already received may take to be answered.
     pub drain_timeout: Duration,
+    /// The upstream response cache.
+    pub cache: CacheSettings,
+    pub limits: Limits,
     pub clusters: Vec<ClusterConfig>,
 }
 
@@ -369,6 +415,8 @@ impl Config {
         if worker_threads == 0 {
             problems.push("workerThreads", "must be at least 1");
         }
+        let cache = cache_settings(file.cache.unwrap_or_default(), &mut problems);
+        let limits = limits(file.limits.unwrap_or_default(), &mut problems);
 
         let mut clusters = Vec::with_capacity(file.clusters.len());
         let mut names = HashSet::new();
@@ -470,6 +518,8 @@ impl Config {
             remote_secrets_dir: file.remote_secrets_dir.map(|d| base.join(d)),
             startup_wait,
             drain_timeout,
+            cache,
+            limits,
             clusters,
         })
     }
@@ -477,6 +527,71 @@ impl Config {
     /// The name of the local cluster (validation guarantees there is exactly one).
     pub fn local_cluster(&self) -> &str {
         self.clusters.iter().find(|c| c.local).map_or("", |c| c.name.as_str())
+    }
+}
+
+/// The `limits:` block; each cap must be at least 1 (0 would refuse every client).
+fn limits(file: FileLimits, problems: &mut Problems) -> Limits {
+    let defaults = Limits::default();
+    let mut cap = |key: &str, value: Option<usize>, default: usize| match value {
+        Some(0) => {
+            problems.push(key, "must be at least 1");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    Limits {
+        udp_in_flight: cap("limits.udpInFlight", file.udp_in_flight, defaults.udp_in_flight),
+        tcp_connections: cap("limits.tcpConnections", file.tcp_connections, defaults.tcp_connections),
+        tcp_pipeline: cap("limits.tcpPipeline", file.tcp_pipeline, defaults.tcp_pipeline),
+    }
+}
+
+/// Validates the `cache:` block; a bad field is reported and its default stands in.
+fn cache_settings(file: FileCache, problems: &mut Problems) -> CacheSettings {
+    let defaults = CacheSettings::default();
+    let max_ttl = MAX_TTL_DURATION;
+    // TTLs are whole seconds on the wire, so their caps are too.
+    let mut ttl_cap = |field: &str, value: Option<String>, default: Duration| match value {
+        None => default,
+        Some(s) => match parse_duration(&s) {
+            Some(d) if d.subsec_nanos() == 0 && d >= Duration::from_secs(1) && d <= max_ttl => d,
+            _ => {
+                problems.push(
+                    field,
+                    format!(
+                        "{s:?} is not whole seconds between 1s and {}s, like 300s or 5m",
+                        max_ttl.as_secs()
+                    ),
+                );
+                default
+            }
+        },
+    };
+    let max_ttl = ttl_cap("cache.maxTtl", file.max_ttl, defaults.max_ttl);
+    let negative_max_ttl = ttl_cap("cache.negativeMaxTtl", file.negative_max_ttl, defaults.negative_max_ttl);
+    let servfail_ttl = match file.servfail_ttl {
+        None => defaults.servfail_ttl,
+        Some(s) => match parse_duration(&s).filter(|d| *d <= MAX_SERVFAIL_TTL) {
+            Some(d) => d,
+            None => {
+                problems.push(
+                    "cache.servfailTtl",
+                    format!(
+                        "{s:?} is not a duration of at most {}s, like 2s or 0s (0s: SERVFAIL is not cached)",
+                        MAX_SERVFAIL_TTL.as_secs()
+                    ),
+                );
+                defaults.servfail_ttl
+            }
+        },
+    };
+    CacheSettings {
+        max_entries: file.max_entries.unwrap_or(defaults.max_entries),
+        max_ttl,
+        negative_max_ttl,
+        servfail_ttl,
     }
 }
 
@@ -597,6 +712,94 @@ clusters:
         assert_eq!(cfg.resolv_conf, PathBuf::from(DEFAULT_RESOLV_CONF));
         assert_eq!(cfg.ttl, DEFAULT_TTL);
         assert_eq!(cfg.negative_ttl, DEFAULT_NEGATIVE_TTL);
+        assert_eq!(cfg.cache, CacheSettings::default());
+        assert!(cfg.cache.enabled(), "the response cache is on by default");
+    }
+
+    #[test]
+    fn cache_block() {
+        let secs = Duration::from_secs;
+        let base = "clusters: [{name: c1, local: true, objects: a}]\n";
+        let cases: &[(&str, CacheSettings)] = &[
+            (
+                "cache: {maxEntries: 50, maxTtl: 1m, negativeMaxTtl: 5s, servfailTtl: 500ms}",
+                CacheSettings {
+                    max_entries: 50,
+                    max_ttl: secs(60),
+                    negative_max_ttl: secs(5),
+                    servfail_ttl: Duration::from_millis(500),
+                },
+            ),
+            (
+                "cache: {maxEntries: 0}",
+                CacheSettings {
+                    max_entries: 0,
+                    ..CacheSettings::default()
+                },
+            ),
+            (
+                "cache: {servfailTtl: 0s, maxTtl: 86400s}",
+                CacheSettings {
+                    servfail_ttl: Duration::ZERO,
+                    max_ttl: secs(86_400),
+                    ..CacheSettings::default()
+                },
+            ),
+            ("cache: {}", CacheSettings::default()),
+        ];
+        for (yaml, want) in cases {
+            let cfg = build(&format!("{base}{yaml}")).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            assert_eq!(cfg.cache, *want, "{yaml}");
+        }
+        let bad = [
+            ("cache: {maxTtl: 0s}", "cache.maxTtl"),
+            ("cache: {maxTtl: 1500ms}", "cache.maxTtl"),
+            ("cache: {maxTtl: 86401s}", "cache.maxTtl"),
+            ("cache: {negativeMaxTtl: soon}", "cache.negativeMaxTtl"),
+            ("cache: {servfailTtl: 31s}", "cache.servfailTtl"),
+            ("cache: {maxEntries: -1}", "maxEntries"),
+            ("cache: {size: 10}", "size"),
+        ];
+        for (yaml, field) in bad {
+            let err = build(&format!("{base}{yaml}")).expect_err(yaml).to_string();
+            assert!(err.contains(field), "{yaml}: {err:?} does not mention {field}");
+        }
+    }
+
+    #[test]
+    fn limits_block() {
+        let base = "clusters: [{name: c1, local: true, objects: a}]\n";
+        let cases: &[(&str, Limits)] = &[
+            ("", Limits::default()),
+            (
+                "limits: {udpInFlight: 10, tcpConnections: 2, tcpPipeline: 1}",
+                Limits {
+                    udp_in_flight: 10,
+                    tcp_connections: 2,
+                    tcp_pipeline: 1,
+                },
+            ),
+            (
+                "limits: {tcpConnections: 7}",
+                Limits {
+                    tcp_connections: 7,
+                    ..Limits::default()
+                },
+            ),
+        ];
+        for (yaml, want) in cases {
+            let cfg = build(&format!("{base}{yaml}")).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            assert_eq!(cfg.limits, *want, "{yaml}");
+        }
+        for (yaml, field) in [
+            ("limits: {udpInFlight: 0}", "limits.udpInFlight"),
+            ("limits: {tcpPipeline: 0}", "limits.tcpPipeline"),
+            ("limits: {tcpConnections: many}", "tcpConnections"),
+            ("limits: {connections: 3}", "connections"),
+        ] {
+            let err = build(&format!("{base}{yaml}")).expect_err(yaml).to_string();
+            assert!(err.contains(field), "{yaml}: {err:?} does not mention {field}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The wire side: hickory-server's [`RequestHandler`] for meshdns. It validates the request,
 //! asks the answer rules ([`crate::lookup`]) what to do, and either encodes the local answer or
-//! relays the upstream's reply under the client's ID and question. No name logic lives here.
+//! relays the upstream's reply under the client's ID and question. Forwarded questions and
+//! alias chases go through the response cache ([`crate::cache`]) first. No name logic lives here.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,10 +14,11 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tracing::{debug, warn};
 
+use crate::cache::{Cache, CacheKey};
 use crate::hub::SharedTable;
 use crate::lookup::{self, LocalAnswer, Resolution};
 use crate::metrics::{Metrics, Outcome};
-use crate::upstream::{Forward, Transport};
+use crate::upstream::{Forward, ForwardError, Transport};
 
 /// The smallest payload every DNS client accepts (RFC 1035); an EDNS client asking for less
 /// is given this much.
@@ -30,6 +32,14 @@ pub struct DnsHandler<F> {
     table: SharedTable,
     forwarder: Arc<F>,
     metrics: Arc<Metrics>,
+    cache: Arc<Cache>,
+}
+
+/// Where a relayed reply came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Upstream,
+    Cache,
 }
 
 impl<F: Forward> DnsHandler<F> {
@@ -43,7 +53,43 @@ impl<F: Forward> DnsHandler<F> {
             table,
             forwarder,
             metrics,
+            cache: Arc::new(Cache::disabled()),
         }
+    }
+
+    /// Answers forwarded questions and alias chases from `cache` while it holds them.
+    pub fn with_cache(mut self, cache: Arc<Cache>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// The reply to `query` (wire bytes, asking `key`'s question about `qname`): from the cache
+    /// while it holds one, else from upstream, offered to the cache on the way back.
+    async fn forward(
+        &self,
+        key: Option<&CacheKey>,
+        qname: &Name,
+        query: &[u8],
+        transport: Transport,
+    ) -> (Result<Message, ForwardError>, Source) {
+        if let Some(key) = key
+            && let Some(hit) = self.cache.get(key, qname, Instant::now())
+        {
+            return (Ok(hit), Source::Cache);
+        }
+        let reply = self.forwarder.forward(query, transport).await;
+        if let (Some(key), Ok(reply)) = (key, &reply) {
+            self.cache.put(key, reply, Instant::now());
+        }
+        (reply, Source::Upstream)
+    }
+
+    /// The cache key of a question, when the cache is on and may answer it.
+    fn cache_key(&self, query: &Query, metadata: &Metadata, edns: Option<&Edns>) -> Option<CacheKey> {
+        if !self.cache.enabled() {
+            return None;
+        }
+        CacheKey::for_query(query.name(), query.query_type(), query.query_class(), metadata, edns)
     }
 
     /// Fetches the addresses of an alias target from upstream, so that stub resolvers, which do
@@ -62,12 +108,15 @@ impl<F: Forward> DnsHandler<F> {
         let mut msg = Message::query();
         msg.metadata.id = rand::random();
         msg.metadata.recursion_desired = true;
-        msg.add_query(Query::query(target.clone(), qtype));
+        let question = Query::query(target.clone(), qtype);
         let mut edns = Edns::new();
         edns.set_max_payload(CHASE_UDP_PAYLOAD);
+        // Keyed like any client's query with the same bits, so chases and clients share entries.
+        let key = self.cache_key(&question, &msg.metadata, Some(&edns));
+        msg.add_query(question);
         msg.set_edns(edns);
         let reply = match msg.to_vec() {
-            Ok(bytes) => self.forwarder.forward(&bytes, Transport::Udp).await,
+            Ok(bytes) => self.forward(key.as_ref(), target, &bytes, Transport::Udp).await.0,
             Err(error) => {
                 warn!(%error, "cannot encode alias chase query");
                 answer.rcode = ResponseCode::ServFail;
@@ -181,35 +230,38 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
                 );
                 send(&mut response_handle, response, request).await
             }
-            Resolution::Forward => match self
-                .forwarder
-                .forward(request.as_slice(), transport(request.protocol()))
-                .await
-            {
-                Ok(reply) => {
-                    let mut metadata = reply.metadata;
-                    metadata.id = request.metadata.id;
-                    let edns = response_edns(request, reply.edns.as_ref());
-                    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
-                    let response = builder.build(
-                        metadata,
-                        reply.answers.iter(),
-                        reply.authorities.iter(),
-                        std::iter::empty(),
-                        reply.additionals.iter(),
-                    );
-                    debug!(client = %request.src(), name = %qname, %qtype, outcome = "forwarded", rcode = %metadata.response_code, elapsed_us = started.elapsed().as_micros() as u64, "query");
-                    self.metrics
-                        .request(transport(request.protocol()), qtype, Outcome::Forwarded, started);
-                    send(&mut response_handle, response, request).await
+            Resolution::Forward => {
+                let key = self.cache_key(query.original(), &request.metadata, request.edns.as_ref());
+                let transport = transport(request.protocol());
+                match self.forward(key.as_ref(), qname, request.as_slice(), transport).await {
+                    (Ok(reply), source) => {
+                        let mut metadata = reply.metadata;
+                        metadata.id = request.metadata.id;
+                        // A cached reply has no OPT record: the client's query decides it.
+                        let edns = response_edns(request, reply.edns.as_ref());
+                        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+                        let response = builder.build(
+                            metadata,
+                            reply.answers.iter(),
+                            reply.authorities.iter(),
+                            std::iter::empty(),
+                            reply.additionals.iter(),
+                        );
+                        let outcome = match source {
+                            Source::Upstream => Outcome::Forwarded,
+                            Source::Cache => Outcome::CacheHit,
+                        };
+                        debug!(client = %request.src(), name = %qname, %qtype, outcome = outcome.as_str(), rcode = %metadata.response_code, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                        self.metrics.request(transport, qtype, outcome, started);
+                        send(&mut response_handle, response, request).await
+                    }
+                    (Err(error), _) => {
+                        debug!(client = %request.src(), name = %qname, %qtype, outcome = "error", %error, elapsed_us = started.elapsed().as_micros() as u64, "query");
+                        self.metrics.request(transport, qtype, Outcome::Error, started);
+                        send(&mut response_handle, send_error(ResponseCode::ServFail), request).await
+                    }
                 }
-                Err(error) => {
-                    debug!(client = %request.src(), name = %qname, %qtype, outcome = "error", %error, elapsed_us = started.elapsed().as_micros() as u64, "query");
-                    self.metrics
-                        .request(transport(request.protocol()), qtype, Outcome::Error, started);
-                    send(&mut response_handle, send_error(ResponseCode::ServFail), request).await
-                }
-            },
+            }
         }
     }
 }

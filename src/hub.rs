@@ -245,11 +245,18 @@ impl Hub {
     }
 
     /// Rebuilds whenever sources publish, coalescing bursts. Runs until the task is dropped.
+    ///
+    /// A build of tens of thousands of names takes tens of milliseconds, so it runs on the
+    /// blocking pool: the runtime's worker (one, by default) keeps answering from the table
+    /// in force meanwhile instead of stalling every query for the length of the build.
     pub async fn run(self: Arc<Self>) {
         loop {
             self.dirty.notified().await;
             tokio::time::sleep(COALESCE_WINDOW).await;
-            self.rebuild();
+            let hub = Arc::clone(&self);
+            if let Err(error) = tokio::task::spawn_blocking(move || hub.rebuild()).await {
+                warn!(%error, "table rebuild did not finish; the table in force stays");
+            }
         }
     }
 

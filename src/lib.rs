@@ -4,11 +4,15 @@
 
 pub mod admin;
 pub mod app;
+pub mod cache;
 pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod explain;
+pub mod fast;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod hub;
 pub mod iptables;

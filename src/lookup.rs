@@ -10,7 +10,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use crate::name_key::{KeyBuf, to_name};
+use crate::name_key::{KeyBuf, ancestors, to_name};
 use crate::table::{Entry, EntryData, Found, Table};
 
 /// Which rule produced a local answer; used for logs and metrics labels.
@@ -59,70 +59,116 @@ pub enum Resolution {
     Forward,
 }
 
+/// Where a question's name stands, before its type is looked at. The one place that orders the
+/// rules, shared by [`resolve`] and the UDP fast path ([`crate::fast`]), which answer from it.
+// The key is kept on the stack: boxing it would allocate on every search-shortcut answer.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum Decision<'t> {
+    /// The name is in the table.
+    Found(Found<'t>),
+    /// The name is a table name with a search domain appended; this is the table name.
+    Shortcut(KeyBuf),
+    /// Outside the cluster domain: a reverse name the table may answer, or upstream's.
+    OutsideZone,
+    /// An empty non-terminal below `svc.<zone>`: NODATA.
+    EmptyNonTerminal,
+    /// Below `svc.<zone>`, every cluster loaded, and nothing matches: NXDOMAIN.
+    NxDomain,
+    Forward,
+}
+
+/// Decides where the name of `key` stands.
+pub fn decide<'t>(table: &'t Table, key: &'t [u8]) -> Decision<'t> {
+    if let Some(found) = table.find(key) {
+        return Decision::Found(found);
+    }
+    if !in_zone(key, table.cluster_domain_key()) {
+        return Decision::OutsideZone;
+    }
+    if let Some(canonical) = search_shortcut(table, key) {
+        return Decision::Shortcut(canonical);
+    }
+    if !in_zone(key, table.svc_zone_key()) {
+        // Other names of the cluster domain (pods, the apex) belong to the cluster's DNS.
+        return Decision::Forward;
+    }
+    if table.is_empty_non_terminal(key) {
+        return Decision::EmptyNonTerminal;
+    }
+    if !table.all_loaded() {
+        return Decision::Forward;
+    }
+    Decision::NxDomain
+}
+
 /// Decides the answer for `qname` (as the client spelled it, which the answer keeps) and `qtype`.
 pub fn resolve(table: &Table, qname: &Name, qtype: RecordType) -> Resolution {
     let Some(key) = KeyBuf::from_name(qname) else {
         return Resolution::Forward;
     };
-    if let Some(found) = table.find(key.as_bytes()) {
-        return answer_found(table, qname, found, qtype, Vec::new(), Rule::Table);
-    }
-    if !table.cluster_domain().zone_of(qname) {
-        return reverse(table, qname, qtype);
-    }
-    if let Some(canonical_key) = search_shortcut(table, qname) {
-        let Some(found) = table.find(canonical_key.as_bytes()) else {
-            return Resolution::Forward;
-        };
-        let Some(canonical) = to_name(canonical_key.as_bytes()) else {
-            return Resolution::Forward;
-        };
-        let alias = record(qname.clone(), table.ttl(), RData::CNAME(CNAME(canonical.clone())));
-        if qtype == RecordType::CNAME {
-            return local(Rule::SearchShortcut, ResponseCode::NoError, vec![alias], None, None);
+    match decide(table, key.as_bytes()) {
+        Decision::Found(found) => answer_found(table, qname, found, qtype, Vec::new(), Rule::Table),
+        Decision::OutsideZone => reverse(table, qname, qtype),
+        Decision::Shortcut(canonical_key) => {
+            let (Some(found), Some(canonical)) =
+                (table.find(canonical_key.as_bytes()), to_name(canonical_key.as_bytes()))
+            else {
+                return Resolution::Forward;
+            };
+            let alias = record(qname.clone(), table.ttl(), RData::CNAME(CNAME(canonical.clone())));
+            if qtype == RecordType::CNAME {
+                return local(Rule::SearchShortcut, ResponseCode::NoError, vec![alias], None, None);
+            }
+            answer_found(table, &canonical, found, qtype, vec![alias], Rule::SearchShortcut)
         }
-        return answer_found(table, &canonical, found, qtype, vec![alias], Rule::SearchShortcut);
-    }
-    if !table.svc_zone().zone_of(qname) {
-        // Other names of the cluster domain (pods, the apex) belong to the cluster's DNS.
-        return Resolution::Forward;
-    }
-    if table.is_empty_non_terminal(key.as_bytes()) {
-        return local(
+        Decision::EmptyNonTerminal => local(
             Rule::NoData,
             ResponseCode::NoError,
             Vec::new(),
             Some(table.soa().clone()),
             None,
-        );
+        ),
+        Decision::NxDomain => local(
+            Rule::NxDomain,
+            ResponseCode::NXDomain,
+            Vec::new(),
+            Some(table.soa().clone()),
+            None,
+        ),
+        Decision::Forward => Resolution::Forward,
     }
-    if !table.all_loaded() {
-        return Resolution::Forward;
-    }
-    local(
-        Rule::NxDomain,
-        ResponseCode::NXDomain,
-        Vec::new(),
-        Some(table.soa().clone()),
-        None,
-    )
 }
 
-/// The table name that the client's search walk would reach next, if `qname` is a table name
+/// Whether the name of `key` is `zone` or lies below it: `zone` is `key` or one of its tails
+/// that starts at a label (keys are label sequences, so no other tail can match).
+pub fn in_zone(key: &[u8], zone: &[u8]) -> bool {
+    zone.is_empty() || key == zone || ancestors(key).any(|tail| tail == zone)
+}
+
+/// The table name that the client's search walk would reach next, if `key` is a table name
 /// with an in-zone search domain appended: the later search domains in order, then the name
 /// as an absolute one (what glibc and musl try after the search list).
-fn search_shortcut(table: &Table, qname: &Name) -> Option<KeyBuf> {
-    let labels = usize::from(qname.num_labels());
-    for (i, domain) in table.search().iter().enumerate() {
-        let dl = usize::from(domain.num_labels());
-        if labels <= dl || !domain.zone_of(qname) {
+fn search_shortcut(table: &Table, key: &[u8]) -> Option<KeyBuf> {
+    let search = table.search_keys();
+    for (i, domain) in search.iter().enumerate() {
+        // At least one label before the domain, and the domain a tail at a label start.
+        let Some(relative) = key
+            .len()
+            .checked_sub(domain.len())
+            .filter(|&at| at > 0 && ancestors(key).any(|tail| tail.len() == domain.len()))
+            .and_then(|at| (key.get(at..)? == &domain[..]).then(|| key.get(..at))?)
+        else {
             continue;
-        }
-        let relative = KeyBuf::from_labels(qname.iter().take(labels - dl))?;
-        let later = table.search_keys()[i + 1..].iter().map(|k| &k[..]);
+        };
+        let later = search[i + 1..].iter().map(|k| &k[..]);
         for suffix in later.chain(std::iter::once(&[][..])) {
-            let mut candidate = relative.clone();
-            if candidate.push_key(suffix).is_none() {
+            let mut candidate = KeyBuf::default();
+            if candidate
+                .push_key(relative)
+                .and_then(|()| candidate.push_key(suffix))
+                .is_none()
+            {
                 continue;
             }
             if table.find(candidate.as_bytes()).is_some() {

@@ -47,17 +47,20 @@ pub enum Outcome {
     LocalNxDomain,
     /// Relayed from an upstream.
     Forwarded,
+    /// An upstream's earlier reply, served from the response cache.
+    CacheHit,
     /// SERVFAIL: no upstream gave a usable answer.
     Error,
 }
 
 impl Outcome {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Local,
         Self::SearchShortcut,
         Self::LocalNoData,
         Self::LocalNxDomain,
         Self::Forwarded,
+        Self::CacheHit,
         Self::Error,
     ];
 
@@ -68,6 +71,7 @@ impl Outcome {
             Self::LocalNoData => Rule::NoData.as_str(),
             Self::LocalNxDomain => Rule::NxDomain.as_str(),
             Self::Forwarded => "forwarded",
+            Self::CacheHit => "cache_hit",
             Self::Error => "error",
         }
     }
@@ -134,16 +138,20 @@ pub enum DropReason {
     Response,
     /// From a source address no answer can go to (port 0, unspecified or broadcast).
     Source,
+    /// Over a resource cap: a UDP query answered SERVFAIL because too many are in flight, or
+    /// a TCP connection closed because too many are open.
+    Overload,
 }
 
 impl DropReason {
-    const ALL: [Self; 3] = [Self::Short, Self::Response, Self::Source];
+    const ALL: [Self; 4] = [Self::Short, Self::Response, Self::Source, Self::Overload];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Short => "short",
             Self::Response => "response",
             Self::Source => "source",
+            Self::Overload => "overload",
         }
     }
 }
@@ -367,6 +375,10 @@ pub struct Metrics {
     upstream_attempts: Family<UpstreamLabels, Counter>,
     upstream_failures: Family<UpstreamFailureLabels, Counter>,
     upstream_latency: Family<UpstreamOnlyLabels, Histogram, LatencyHistogram>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_evictions: Counter,
+    cache_entries: Gauge,
     table_names: Gauge,
     table_rebuilds: Counter,
     table_rebuild_duration: Histogram,
@@ -459,6 +471,31 @@ impl Metrics {
             upstream_latency.clone(),
         );
 
+        let cache_hits = Counter::default();
+        registry.register(
+            "meshdns_cache_hits",
+            "Response-cache lookups (forwardable queries, alias chases) answered from the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "meshdns_cache_misses",
+            "Response-cache lookups that found no live entry, so the upstream was asked",
+            cache_misses.clone(),
+        );
+        let cache_evictions = Counter::default();
+        registry.register(
+            "meshdns_cache_evictions",
+            "Live cache entries dropped to make room (the cache is full)",
+            cache_evictions.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "meshdns_cache_entries",
+            "Replies held in the response cache",
+            cache_entries.clone(),
+        );
+
         let table_names = Gauge::default();
         registry.register("meshdns_table_names", "Names in the current table", table_names.clone());
         let table_rebuilds = Counter::default();
@@ -499,6 +536,10 @@ impl Metrics {
             upstream_attempts,
             upstream_failures,
             upstream_latency,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            cache_entries,
             table_names,
             table_rebuilds,
             table_rebuild_duration,
@@ -552,6 +593,18 @@ impl Metrics {
                 .upstream_latency
                 .get_or_create_owned(&UpstreamOnlyLabels { upstream: name.clone() }),
         }
+    }
+
+    /// One lookup in the response cache, which then holds `entries` replies.
+    pub fn cache_lookup(&self, hit: bool, entries: usize) {
+        if hit { &self.cache_hits } else { &self.cache_misses }.inc();
+        self.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// A reply stored in the response cache after evicting `evicted` live ones.
+    pub fn cache_stored(&self, evicted: usize, entries: usize) {
+        self.cache_evictions.inc_by(u64::try_from(evicted).unwrap_or(u64::MAX));
+        self.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     pub fn table_rebuilt(&self, names: usize, elapsed: Duration) {

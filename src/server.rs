@@ -7,13 +7,25 @@
 //! received. Here a stop first reads what the sockets had already queued (until they are
 //! quiet for [`DRAIN_QUIET`], at most [`DRAIN_READ_MAX`]), then closes the door and waits for
 //! the answers in flight, up to the drain deadline.
+//!
+//! UDP is read in batches (`recvmmsg`), and the common question, an address query for a name
+//! the table holds, is answered on the spot by [`crate::fast`], the batch's answers going out
+//! in one `sendmmsg`: no task, no allocation, a fraction of a system call per query. Every
+//! other datagram gets a task that runs the handler. The handler stays the one place that
+//! decides everything else, and the fast path only ever declines to it.
+//!
+//! Resource caps keep a misbehaving or hostile client from growing the sidecar: UDP queries
+//! in the handler at once, TCP connections, queries per TCP connection, and an idle timer
+//! that only a whole query or an answer restarts.
 
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::NetError;
@@ -21,8 +33,9 @@ use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, watch};
@@ -30,8 +43,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::fast;
 use crate::handler::MIN_UDP_PAYLOAD;
-use crate::metrics::{DropReason, MalformedReason, Metrics};
+use crate::hub::SharedTable;
+use crate::metrics::{DropReason, MalformedReason, Metrics, Outcome};
 use crate::upstream::Transport;
 
 /// How many times a port-0 bind retries when the UDP port it got is taken for TCP.
@@ -48,6 +63,23 @@ const MAX_MESSAGE_LEN: usize = 65_535;
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// Length prefix of a DNS message over TCP.
 const TCP_LENGTH_PREFIX: usize = 2;
+/// Datagrams read per `recvmmsg` call and answers sent per `sendmmsg` call: enough to cut the
+/// system calls per query well below one under load, small enough that one batch does not
+/// hold up the other tasks of a single-threaded runtime.
+const UDP_BATCH: usize = 32;
+/// Batches read per wake-up before yielding to the runtime's other tasks.
+const UDP_BATCHES_PER_WAKE: usize = 8;
+/// Room for one fast-path answer; larger answers take the full path, which truncates.
+const FAST_REPLY_MAX: usize = 4096;
+/// Default for [`ServerSettings::max_udp_in_flight`]: far above what one pod's applications
+/// have outstanding, far below what would make the sidecar's memory grow (each waiting
+/// query holds a few KiB).
+pub const DEFAULT_MAX_UDP_IN_FLIGHT: usize = 1024;
+/// Default for [`ServerSettings::max_tcp_connections`]: stub resolvers open one connection
+/// per lookup that fell back to TCP and close it after the answer.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 128;
+/// Default for [`ServerSettings::max_tcp_pipeline`] (glibc pipelines A and AAAA).
+pub const DEFAULT_MAX_TCP_PIPELINE: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -66,6 +98,31 @@ pub struct ServerSettings {
     /// written in this long is abandoned.
     pub tcp_idle_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// The table the UDP fast path answers from ([`crate::fast`]); `None` sends every query
+    /// the full way through the handler.
+    pub fast_path: Option<SharedTable>,
+    /// Most UDP queries being worked on at once (forwarded ones wait on upstreams); beyond it
+    /// a query is answered SERVFAIL at once instead of holding memory.
+    pub max_udp_in_flight: usize,
+    /// Most TCP connections open at once; a connection beyond it is closed on accept.
+    pub max_tcp_connections: usize,
+    /// Most queries of one TCP connection worked on at once; the connection is not read
+    /// further until one is answered.
+    pub max_tcp_pipeline: usize,
+}
+
+impl ServerSettings {
+    /// The defaults for everything but the fast path's table.
+    pub fn new(tcp_idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            tcp_idle_timeout,
+            metrics,
+            fast_path: None,
+            max_udp_in_flight: DEFAULT_MAX_UDP_IN_FLIGHT,
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            max_tcp_pipeline: DEFAULT_MAX_TCP_PIPELINE,
+        }
+    }
 }
 
 /// When a stop came and when the answers in flight are abandoned.
@@ -203,15 +260,18 @@ async fn finish(mut tasks: JoinSet<()>, deadline: Instant, what: &'static str) {
 
 async fn serve_udp<H: RequestHandler>(socket: Arc<UdpSocket>, shared: Arc<Shared<H>>, mut stop: StopSignal) {
     let mut tasks = JoinSet::new();
-    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+    let mut batch = UdpBatch::new();
     let stopping = loop {
         tokio::select! {
             biased;
             stopping = stopped(&mut stop) => break stopping,
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((len, src)) => udp_datagram(buf.get(..len).unwrap_or_default(), src, &socket, &shared, &mut tasks),
+            ready = socket.readable() => match ready {
+                Ok(()) => {
+                    let unsent = read_ready(&socket, &shared, &mut batch, &mut tasks);
+                    send_unsent(&socket, unsent).await;
+                }
                 Err(error) => {
-                    debug!(%error, "cannot receive on the UDP socket");
+                    debug!(%error, "cannot wait on the UDP socket");
                     tokio::time::sleep(ERROR_BACKOFF).await;
                 }
             },
@@ -219,10 +279,191 @@ async fn serve_udp<H: RequestHandler>(socket: Arc<UdpSocket>, shared: Arc<Shared
         reap(&mut tasks);
     };
     // Datagrams the kernel queued before the stop were received; they get their answers.
-    while let Ok(Ok((len, src))) = tokio::time::timeout_at(stopping.quiet(), socket.recv_from(&mut buf)).await {
-        udp_datagram(buf.get(..len).unwrap_or_default(), src, &socket, &shared, &mut tasks);
+    while let Ok(Ok(())) = tokio::time::timeout_at(stopping.quiet(), socket.readable()).await {
+        let unsent = read_ready(&socket, &shared, &mut batch, &mut tasks);
+        send_unsent(&socket, unsent).await;
+        reap(&mut tasks);
     }
     finish(tasks, stopping.deadline, "UDP queries").await;
+}
+
+/// Buffers for one batch of datagrams and the fast-path answers to them. The `recvmmsg`
+/// headers are not kept here: they hold raw pointers, so they cannot live across an await.
+struct UdpBatch {
+    /// [`UDP_BATCH`] slots of [`MAX_MESSAGE_LEN`] bytes; only the pages a datagram touches
+    /// become resident.
+    received: Vec<u8>,
+    /// Length and source of each datagram in `received`.
+    sources: Vec<(usize, Option<SocketAddr>)>,
+    /// [`UDP_BATCH`] slots of [`FAST_REPLY_MAX`] bytes.
+    replies: Vec<u8>,
+    /// Length and destination of each answer in `replies`.
+    destinations: Vec<(usize, SocketAddr)>,
+    /// Which address comes first in the next answer with several.
+    rotation: usize,
+}
+
+impl UdpBatch {
+    fn new() -> Self {
+        Self {
+            received: vec![0; UDP_BATCH * MAX_MESSAGE_LEN],
+            sources: Vec::with_capacity(UDP_BATCH),
+            replies: vec![0; UDP_BATCH * FAST_REPLY_MAX],
+            destinations: Vec::with_capacity(UDP_BATCH),
+            rotation: 0,
+        }
+    }
+}
+
+/// Reads what the socket has queued, a batch at a time, until it is empty or the per-wake
+/// budget is spent. Table names are answered on the spot, everything else goes to a task of
+/// its own. Returns the answers the socket could not take without waiting.
+fn read_ready<H: RequestHandler>(
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<Shared<H>>,
+    batch: &mut UdpBatch,
+    tasks: &mut JoinSet<()>,
+) -> Vec<(Vec<u8>, SocketAddr)> {
+    let fd = socket.as_raw_fd();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
+    let mut unsent = Vec::new();
+    // One snapshot per wake-up: a rebuilt table is picked up at the next one.
+    let table = shared.settings.fast_path.as_ref().map(|t| t.load());
+    let metrics = &shared.settings.metrics;
+    for _ in 0..UDP_BATCHES_PER_WAKE {
+        let received = socket.try_io(Interest::READABLE, || {
+            recv_batch(fd, &mut headers, &mut batch.received, &mut batch.sources)
+        });
+        let count = match received {
+            Ok(count) => count,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(error) => {
+                debug!(%error, "cannot receive on the UDP socket");
+                break;
+            }
+        };
+        batch.destinations.clear();
+        for (slot, &(len, src)) in batch.sources.iter().enumerate() {
+            let query = batch.received.get(slot * MAX_MESSAGE_LEN..slot * MAX_MESSAGE_LEN + len);
+            let (Some(query), Some(src)) = (query, src) else {
+                metrics.dropped(Transport::Udp, DropReason::Source);
+                continue;
+            };
+            if let Some(table) = &table
+                && answerable(src)
+            {
+                let started = std::time::Instant::now();
+                let at = batch.destinations.len() * FAST_REPLY_MAX;
+                let out = &mut batch.replies[at..at + FAST_REPLY_MAX];
+                if let Some(answer) = fast::answer(table, query, batch.rotation, out) {
+                    batch.rotation = batch.rotation.wrapping_add(1);
+                    batch.destinations.push((answer.len, src));
+                    debug!(client = %src, name = %fast::QuestionName(query), qtype = %answer.qtype, outcome = answer.rule.as_str(), rcode = %ResponseCode::NoError, elapsed_us = started.elapsed().as_micros() as u64, path = "fast", "query");
+                    metrics.request(Transport::Udp, answer.qtype, Outcome::from(answer.rule), started);
+                    continue;
+                }
+            }
+            udp_datagram(query, src, socket, shared, tasks);
+        }
+        send_batch(socket, fd, &batch.replies, &batch.destinations, &mut unsent);
+        if count < UDP_BATCH {
+            break;
+        }
+    }
+    unsent
+}
+
+/// One `recvmmsg`: fills `sources` with the length and sender of each datagram received.
+fn recv_batch(
+    fd: RawFd,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    buffer: &mut [u8],
+    sources: &mut Vec<(usize, Option<SocketAddr>)>,
+) -> io::Result<usize> {
+    sources.clear();
+    let mut slots: Vec<[IoSliceMut<'_>; 1]> = buffer
+        .chunks_mut(MAX_MESSAGE_LEN)
+        .map(|slot| [IoSliceMut::new(slot)])
+        .collect();
+    let messages = recvmmsg(fd, headers, slots.iter_mut(), MsgFlags::MSG_DONTWAIT, None).map_err(io::Error::from)?;
+    sources.extend(messages.map(|m| (m.bytes, m.address.as_ref().and_then(socket_addr))));
+    Ok(sources.len())
+}
+
+/// Sends the answers of one batch with `sendmmsg`; those the socket cannot take now are
+/// copied to `unsent`, one it refuses outright is dropped (the client retries).
+fn send_batch(
+    socket: &UdpSocket,
+    fd: RawFd,
+    replies: &[u8],
+    destinations: &[(usize, SocketAddr)],
+    unsent: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    if destinations.is_empty() {
+        return;
+    }
+    let slices: Vec<[IoSlice<'_>; 1]> = destinations
+        .iter()
+        .enumerate()
+        .map(|(slot, &(len, _))| {
+            [IoSlice::new(
+                &replies[slot * FAST_REPLY_MAX..slot * FAST_REPLY_MAX + len],
+            )]
+        })
+        .collect();
+    let addresses: Vec<Option<SockaddrStorage>> = destinations
+        .iter()
+        .map(|&(_, dst)| Some(SockaddrStorage::from(dst)))
+        .collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(destinations.len(), None);
+    let mut next = 0;
+    // Each round sends at least one answer or drops one, so this ends.
+    while next < destinations.len() {
+        let sent = socket.try_io(Interest::WRITABLE, || {
+            let no_control: [ControlMessage<'_>; 0] = [];
+            sendmmsg(
+                fd,
+                &mut headers,
+                &slices[next..],
+                &addresses[next..],
+                no_control,
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(Iterator::count)
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(0) => break,
+            Ok(count) => next += count,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(error) => {
+                debug!(client = %destinations[next].1, %error, "cannot send an answer");
+                next += 1;
+            }
+        }
+    }
+    for (slot, &(len, dst)) in destinations.iter().enumerate().skip(next) {
+        unsent.push((
+            replies[slot * FAST_REPLY_MAX..slot * FAST_REPLY_MAX + len].to_vec(),
+            dst,
+        ));
+    }
+}
+
+/// Sends what a full socket buffer refused, waiting for room.
+async fn send_unsent(socket: &UdpSocket, unsent: Vec<(Vec<u8>, SocketAddr)>) {
+    for (bytes, dst) in unsent {
+        if let Err(error) = socket.send_to(&bytes, dst).await {
+            debug!(client = %dst, %error, "cannot send an answer");
+        }
+    }
+}
+
+fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = address.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    address.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 fn udp_datagram<H: RequestHandler>(
@@ -236,7 +477,12 @@ fn udp_datagram<H: RequestHandler>(
         socket: Arc::clone(socket),
         dst: src,
     };
-    match incoming(bytes, src, Transport::Udp, &shared.settings.metrics) {
+    let incoming = if tasks.len() >= shared.settings.max_udp_in_flight {
+        overloaded(bytes, src, &shared.settings.metrics)
+    } else {
+        incoming(bytes, src, Transport::Udp, &shared.settings.metrics)
+    };
+    match incoming {
         Incoming::Query(request) => {
             let shared = Arc::clone(shared);
             tasks.spawn(async move {
@@ -244,13 +490,38 @@ fn udp_datagram<H: RequestHandler>(
             });
         }
         Incoming::Reply(reply) => {
-            tasks.spawn(async move {
-                if let Err(error) = responder.socket.send_to(&reply, responder.dst).await {
-                    debug!(client = %responder.dst, %error, "cannot send error response");
-                }
-            });
+            // Sent now rather than by a task: an overloaded server must not queue more.
+            if let Err(error) = socket.try_send_to(&reply, src) {
+                debug!(client = %src, %error, "cannot send error response");
+            }
         }
         Incoming::Dropped => {}
+    }
+}
+
+/// The answer to a UDP query that arrives while [`ServerSettings::max_udp_in_flight`] queries
+/// are being worked on: SERVFAIL with the question, so the client tries its next server or
+/// again later instead of waiting out its timeout.
+fn overloaded(bytes: &[u8], src: SocketAddr, metrics: &Metrics) -> Incoming {
+    if !answerable(src) {
+        metrics.dropped(Transport::Udp, DropReason::Source);
+        return Incoming::Dropped;
+    }
+    metrics.dropped(Transport::Udp, DropReason::Overload);
+    let Ok(query) = Message::from_vec(bytes) else {
+        return Incoming::Dropped;
+    };
+    if query.metadata.message_type != MessageType::Query {
+        return Incoming::Dropped;
+    }
+    let mut reply = Message::new(query.metadata.id, MessageType::Response, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.response_code = ResponseCode::ServFail;
+    reply.add_queries(query.queries);
+    match reply.to_vec() {
+        Ok(bytes) => Incoming::Reply(bytes),
+        Err(_) => Incoming::Dropped,
     }
 }
 
@@ -261,9 +532,7 @@ async fn serve_tcp<H: RequestHandler>(listener: TcpListener, shared: Arc<Shared<
             biased;
             stopping = stopped(&mut stop) => break stopping,
             accepted = listener.accept() => match accepted {
-                Ok((stream, src)) => {
-                    connections.spawn(connection(stream, src, Arc::clone(&shared), stop.clone()));
-                }
+                Ok((stream, src)) => admit(stream, src, &shared, &stop, &mut connections),
                 Err(error) => {
                     debug!(%error, "cannot accept a TCP connection");
                     tokio::time::sleep(ERROR_BACKOFF).await;
@@ -274,14 +543,39 @@ async fn serve_tcp<H: RequestHandler>(listener: TcpListener, shared: Arc<Shared<
     };
     // Connections the kernel completed before the stop may already carry a query.
     while let Ok(Ok((stream, src))) = tokio::time::timeout_at(stopping.quiet(), listener.accept()).await {
-        connections.spawn(connection(stream, src, Arc::clone(&shared), stop.clone()));
+        admit(stream, src, &shared, &stop, &mut connections);
     }
     drop(listener);
     finish(connections, stopping.deadline, "TCP connections").await;
 }
 
-/// Serves one TCP connection: its messages are answered one after another, as hickory-server
-/// does, so one client cannot make meshdns work on many of its queries at once.
+/// Serves an accepted connection, or closes it at once when
+/// [`ServerSettings::max_tcp_connections`] are open: the client sees the close and tries
+/// elsewhere, rather than meshdns holding a task and buffers for it.
+fn admit<H: RequestHandler>(
+    stream: TcpStream,
+    src: SocketAddr,
+    shared: &Arc<Shared<H>>,
+    stop: &StopSignal,
+    connections: &mut JoinSet<()>,
+) {
+    reap(connections);
+    if connections.len() >= shared.settings.max_tcp_connections {
+        debug!(client = %src, open = connections.len(), "too many TCP connections; closing the new one");
+        shared.settings.metrics.dropped(Transport::Tcp, DropReason::Overload);
+        return;
+    }
+    connections.spawn(connection(stream, src, Arc::clone(shared), stop.clone()));
+}
+
+/// Serves one TCP connection. Up to [`ServerSettings::max_tcp_pipeline`] of its queries are
+/// worked on at once and answered as they complete (RFC 7766 allows any order); beyond that
+/// the connection is not read until an answer is out, so a client that pipelines without end
+/// is held back by its own socket buffer, not by meshdns's memory.
+///
+/// The idle timer restarts only when a whole query arrives or an answer leaves, so a client
+/// that trickles a byte at a time, or connects and sends nothing, is dropped after
+/// [`ServerSettings::tcp_idle_timeout`] all the same.
 async fn connection<H: RequestHandler>(
     stream: TcpStream,
     src: SocketAddr,
@@ -292,58 +586,70 @@ async fn connection<H: RequestHandler>(
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
     let idle = shared.settings.tcp_idle_timeout;
+    let pipeline = shared.settings.max_tcp_pipeline.max(1);
     let responder = TcpResponder {
         writer: Arc::new(Mutex::new(writer)),
         write_timeout: idle,
     };
     let mut buf = BytesMut::with_capacity(usize::from(MIN_UDP_PAYLOAD));
-    loop {
-        if let Some(message) = take_frame(&mut buf) {
+    let mut queries = JoinSet::new();
+    let mut idle_until = Instant::now() + idle;
+    'serve: loop {
+        while queries.len() < pipeline
+            && let Some(message) = take_frame(&mut buf)
+        {
+            idle_until = Instant::now() + idle;
             match incoming(&message, src, Transport::Tcp, &shared.settings.metrics) {
                 Incoming::Query(request) => {
-                    shared
-                        .handler
-                        .handle_request::<_, TokioTime>(&request, responder.clone())
-                        .await;
+                    let shared = Arc::clone(&shared);
+                    let responder = responder.clone();
+                    queries.spawn(async move {
+                        shared.handler.handle_request::<_, TokioTime>(&request, responder).await;
+                    });
                 }
                 Incoming::Reply(reply) => {
                     if let Err(error) = responder.write(&reply).await {
                         debug!(client = %src, %error, "cannot send error response");
-                        return;
+                        break 'serve;
                     }
                 }
                 Incoming::Dropped => {}
             }
-            continue;
         }
         let draining = *stop.borrow();
         let limit = match draining {
-            None => Instant::now() + idle,
+            None => idle_until,
             Some(stopping) => stopping.quiet(),
         };
+        let readable = queries.len() < pipeline;
         tokio::select! {
             biased;
             changed = stop.changed(), if draining.is_none() => {
                 if changed.is_err() {
-                    return;
+                    break 'serve;
                 }
             }
-            read = tokio::time::timeout_at(limit, reader.read_buf(&mut buf)) => match read {
-                Ok(Ok(0)) => return,
+            Some(_) = queries.join_next(), if !queries.is_empty() => idle_until = Instant::now() + idle,
+            read = tokio::time::timeout_at(limit, reader.read_buf(&mut buf)), if readable => match read {
+                // The client is done sending; it still gets the answers in flight.
+                Ok(Ok(0)) => break 'serve,
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
                     debug!(client = %src, %error, "TCP read failed");
-                    return;
+                    break 'serve;
                 }
                 // Idle too long, or quiet after a stop.
-                Err(_) => return,
+                Err(_) => break 'serve,
             },
         }
     }
+    // Bounded by the handler (the forwarding deadline, the write timeout); a stop's deadline
+    // aborts the whole connection task anyway.
+    while queries.join_next().await.is_some() {}
 }
 
 /// The next complete length-prefixed message in `buf`, if one is there.
-fn take_frame(buf: &mut BytesMut) -> Option<BytesMut> {
+pub fn take_frame(buf: &mut BytesMut) -> Option<BytesMut> {
     let prefix = buf.get(..TCP_LENGTH_PREFIX)?;
     let len = usize::from(u16::from_be_bytes([prefix[0], prefix[1]]));
     if buf.len() < TCP_LENGTH_PREFIX + len {
@@ -355,14 +661,16 @@ fn take_frame(buf: &mut BytesMut) -> Option<BytesMut> {
 }
 
 /// What to do with one received message.
-enum Incoming {
+pub enum Incoming {
     Query(Box<Request>),
     /// An error answer built without the handler (FORMERR for an undecodable query).
     Reply(Vec<u8>),
     Dropped,
 }
 
-fn incoming(bytes: &[u8], src: SocketAddr, transport: Transport, metrics: &Metrics) -> Incoming {
+/// The checks every received message passes before the handler sees it: the source, the
+/// header, decoding (FORMERR when it fails). Public for the fuzz targets.
+pub fn incoming(bytes: &[u8], src: SocketAddr, transport: Transport, metrics: &Metrics) -> Incoming {
     if !answerable(src) {
         metrics.dropped(transport, DropReason::Source);
         return Incoming::Dropped;
@@ -379,7 +687,12 @@ fn incoming(bytes: &[u8], src: SocketAddr, transport: Transport, metrics: &Metri
         Transport::Udp => Protocol::Udp,
         Transport::Tcp => Protocol::Tcp,
     };
-    match Request::from_bytes(bytes.to_vec(), src, protocol) {
+    let decoded = if fast::question_points_into_header(bytes) {
+        Err("the question name points into the header".to_string())
+    } else {
+        Request::from_bytes(bytes.to_vec(), src, protocol).map_err(|e| e.to_string())
+    };
+    match decoded {
         Ok(request) => {
             // The handler answers these NOTIMP and FORMERR; they are counted here because they
             // never reach a lookup.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use hickory_proto::rr::rdata::SOA;
 use hickory_proto::rr::{Name, RData, Record};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 use crate::cluster::{
     ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort, is_dns_label,
@@ -110,12 +111,18 @@ pub struct Table {
     ptr: HashMap<IpAddr, Box<[u8]>>,
     cluster_domain: Name,
     svc_zone: Name,
+    /// Keys of `cluster_domain` and `svc_zone`, for zone checks on keys.
+    cluster_domain_key: Box<[u8]>,
+    svc_zone_key: Box<[u8]>,
     search: Vec<Name>,
     /// Keys of `search`, same order.
     search_keys: Vec<Box<[u8]>>,
     all_loaded: bool,
     ttl: u32,
     soa: Record,
+    /// `soa` as an uncompressed wire-format record, for answers encoded without hickory's
+    /// message builder ([`crate::fast`]).
+    soa_wire: Box<[u8]>,
     generation: u64,
 }
 
@@ -143,12 +150,19 @@ impl Table {
             .ok()
             .and_then(|svc| svc.append_domain(&cluster_domain).ok())
             .unwrap_or_else(|| cluster_domain.clone());
-        let capacity = clusters.iter().map(|c| c.state.services.len()).max().unwrap_or(0);
+        // Sized for every service of every cluster up front (an upper bound: services held by
+        // several clusters share a name), so a build never rehashes.
+        let capacity = clusters.iter().map(|c| c.state.services.len()).sum();
+        let local_ips = clusters
+            .iter()
+            .filter(|c| c.local)
+            .map(|c| c.state.services.len())
+            .sum();
         let mut b = Builder {
             svc_key: KeyBuf::from_name(&svc_zone).unwrap_or_default(),
             entries: HashMap::with_capacity(capacity),
             ents: HashSet::new(),
-            ptr: HashMap::new(),
+            ptr: HashMap::with_capacity(local_ips),
             report: BuildReport::default(),
         };
         let cluster_names: Vec<Arc<str>> = clusters.iter().map(|c| Arc::from(c.name)).collect();
@@ -194,11 +208,15 @@ impl Table {
             .map(|s| KeyBuf::from_name(s).unwrap_or_default().to_boxed())
             .collect();
         let soa = soa_record(&cluster_domain, settings.negative_ttl, generation);
+        let soa_wire = record_wire(&soa);
         let all_loaded = !clusters.is_empty() && clusters.iter().all(|c| c.loaded);
+        let key_of = |name: &Name| KeyBuf::from_name(name).unwrap_or_default().to_boxed();
         let table = Self {
             entries,
             empty_non_terminals,
             ptr,
+            cluster_domain_key: key_of(&cluster_domain),
+            svc_zone_key: key_of(&svc_zone),
             cluster_domain,
             svc_zone,
             search,
@@ -206,6 +224,7 @@ impl Table {
             all_loaded,
             ttl: settings.ttl,
             soa,
+            soa_wire,
             generation,
         };
         (table, report)
@@ -264,6 +283,16 @@ impl Table {
         &self.svc_zone
     }
 
+    /// Key of [`Table::cluster_domain`].
+    pub fn cluster_domain_key(&self) -> &[u8] {
+        &self.cluster_domain_key
+    }
+
+    /// Key of [`Table::svc_zone`].
+    pub fn svc_zone_key(&self) -> &[u8] {
+        &self.svc_zone_key
+    }
+
     /// Search domains inside the cluster domain, in resolv.conf order.
     pub fn search(&self) -> &[Name] {
         &self.search
@@ -286,6 +315,11 @@ impl Table {
 
     pub fn soa(&self) -> &Record {
         &self.soa
+    }
+
+    /// [`Table::soa`] in wire format, owner name uncompressed.
+    pub fn soa_wire(&self) -> &[u8] {
+        &self.soa_wire
     }
 
     pub fn generation(&self) -> u64 {
@@ -341,9 +375,8 @@ impl Builder {
             };
             match &svc.kind {
                 ServiceKind::ClusterIp(ips) => {
-                    let boxed = name_key.to_boxed();
                     for ip in ips {
-                        self.ptr.insert(*ip, boxed.clone());
+                        self.claim_ptr(*ip, name_key.as_bytes());
                     }
                     let data = addresses(ips.iter().copied());
                     self.insert_service(&name_key, data, &origin, Some(Arc::clone(&svc.ports)));
@@ -399,7 +432,7 @@ impl Builder {
         for (pod_key, ips, _) in &pods {
             let boxed = pod_key.to_boxed();
             for ip in ips {
-                self.ptr.insert(*ip, boxed.clone());
+                self.claim_ptr(*ip, &boxed);
             }
             let entry = Entry {
                 data: Arc::new(addresses(ips.iter().copied())),
@@ -478,6 +511,20 @@ impl Builder {
             },
         );
         self.namespace_exists(key);
+    }
+
+    /// The reverse name of `ip` points to `key`. An address claimed twice (two Services with
+    /// one ClusterIP, a stale endpoint whose IP a new pod reuses) goes to the smallest name, so
+    /// the answer does not depend on the order the cluster state's maps iterate in, which
+    /// differs between rebuilds and between pods.
+    fn claim_ptr(&mut self, ip: IpAddr, key: &[u8]) {
+        match self.ptr.get_mut(&ip) {
+            Some(owner) if **owner <= *key => {}
+            Some(owner) => *owner = key.into(),
+            None => {
+                self.ptr.insert(ip, key.into());
+            }
+        }
     }
 
     /// A service's namespace exists as an empty non-terminal (RFC 8020).
@@ -632,6 +679,19 @@ fn service_key(key: &ObjectKey, svc_key: &KeyBuf) -> Option<KeyBuf> {
     let mut buf = KeyBuf::from_labels([key.name.as_bytes(), key.namespace.as_bytes()])?;
     buf.push_key(svc_key.as_bytes())?;
     Some(buf)
+}
+
+/// A record in wire format, names uncompressed (it is copied into messages at any offset).
+/// Empty if hickory cannot encode it, which only a broken SOA could cause; the fast path then
+/// leaves negative answers to the full path.
+fn record_wire(record: &Record) -> Box<[u8]> {
+    let mut bytes = Vec::with_capacity(64);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_canonical_form(true);
+    match record.emit(&mut encoder) {
+        Ok(()) => bytes.into_boxed_slice(),
+        Err(_) => Box::default(),
+    }
 }
 
 fn soa_record(zone: &Name, negative_ttl: u32, generation: u64) -> Record {

@@ -447,10 +447,14 @@ async fn exchange_udp(
     let (id, packet) = with_fresh_id(query);
     socket.send(&packet).await?;
 
-    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+    // Room for the largest datagram, but not zeroed: `recv_buf` writes into spare capacity,
+    // so a query waiting on a slow upstream holds address space, not touched memory, and a
+    // reply costs no 64 KiB memset.
+    let mut buf = Vec::with_capacity(MAX_MESSAGE_LEN);
     loop {
-        let len = socket.recv(&mut buf).await?;
-        match check_reply(buf.get(..len).unwrap_or_default(), id, expected) {
+        buf.clear();
+        socket.recv_buf(&mut buf).await?;
+        match check_reply(&buf, id, expected) {
             Ok(reply) => return Ok(reply),
             Err(detail) => {
                 trace!(%upstream, %detail, "dropped UDP reply");
@@ -493,6 +497,19 @@ async fn exchange_tcp(
     }
 }
 
+/// A reply that does not parse but says it was truncated (TC) is cut mid-record, as some
+/// servers and middleboxes cut: its header alone, so that the caller retries over TCP.
+/// Nothing of it is relayed, so a forged one can cause no more than that retry.
+fn truncated_header(bytes: &[u8]) -> Option<Message> {
+    let header = Header::read(&mut BinDecoder::new(bytes)).ok()?;
+    let metadata = header.metadata;
+    (metadata.message_type == MessageType::Response && metadata.truncation).then(|| {
+        let mut reply = Message::new(metadata.id, MessageType::Response, metadata.op_code);
+        reply.metadata.truncation = true;
+        reply
+    })
+}
+
 /// Accepts `bytes` only if it is a response to exactly our question with our
 /// ID; the reason for rejection otherwise.
 fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Message, String> {
@@ -504,7 +521,10 @@ fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Message, Strin
     if u16::from_be_bytes([*hi, *lo]) != id {
         return Err("reply ID does not match".into());
     }
-    let reply = Message::from_vec(bytes).map_err(|e| format!("unparseable reply: {e}"))?;
+    let reply = match Message::from_vec(bytes) {
+        Ok(reply) => reply,
+        Err(error) => return truncated_header(bytes).ok_or_else(|| format!("unparseable reply: {error}")),
+    };
     if reply.metadata.message_type != MessageType::Response {
         return Err("reply is not a response".into());
     }

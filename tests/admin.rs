@@ -163,6 +163,7 @@ async fn metrics_count_exactly_the_queries_sent() {
             ResponseCode::NXDomain,
         ),
         (Proto::Udp, "www.example.test.", RecordType::A, ResponseCode::NoError),
+        // The same question again: answered from the response cache.
         (Proto::Udp, "www.example.test.", RecordType::A, ResponseCode::NoError),
         (Proto::Udp, "www.example.test.", RecordType::CAA, ResponseCode::NoError),
     ];
@@ -215,7 +216,11 @@ async fn metrics_count_exactly_the_queries_sent() {
             ),
             (
                 r#"meshdns_requests_total{protocol="udp",qtype="A",outcome="forwarded"}"#,
-                2.0
+                1.0
+            ),
+            (
+                r#"meshdns_requests_total{protocol="udp",qtype="A",outcome="cache_hit"}"#,
+                1.0
             ),
             (
                 r#"meshdns_requests_total{protocol="udp",qtype="other",outcome="forwarded"}"#,
@@ -229,11 +234,11 @@ async fn metrics_count_exactly_the_queries_sent() {
         expected(&[
             (
                 &format!(r#"meshdns_upstream_requests_total{{upstream="{closed}",transport="udp"}}"#),
-                3.0
+                2.0
             ),
             (
                 &format!(r#"meshdns_upstream_requests_total{{upstream="{up}",transport="udp"}}"#),
-                3.0
+                2.0
             ),
         ]),
     );
@@ -241,14 +246,14 @@ async fn metrics_count_exactly_the_queries_sent() {
         deltas(&before, &after, "meshdns_upstream_failures_total"),
         expected(&[(
             &format!(r#"meshdns_upstream_failures_total{{upstream="{closed}",reason="network"}}"#),
-            3.0
+            2.0
         )]),
     );
     assert_eq!(
         deltas(&before, &after, "meshdns_upstream_request_duration_seconds_count"),
         expected(&[(
             &format!(r#"meshdns_upstream_request_duration_seconds_count{{upstream="{up}"}}"#),
-            3.0
+            2.0
         )]),
     );
     assert_eq!(
@@ -281,7 +286,16 @@ async fn metrics_count_exactly_the_queries_sent() {
                 r#"meshdns_request_duration_seconds_count{outcome="local_nxdomain"}"#,
                 2.0
             ),
-            (r#"meshdns_request_duration_seconds_count{outcome="forwarded"}"#, 3.0),
+            (r#"meshdns_request_duration_seconds_count{outcome="forwarded"}"#, 2.0),
+            (r#"meshdns_request_duration_seconds_count{outcome="cache_hit"}"#, 1.0),
+        ]),
+    );
+    assert_eq!(
+        deltas(&before, &after, "meshdns_cache_"),
+        expected(&[
+            ("meshdns_cache_misses_total", 2.0),
+            ("meshdns_cache_hits_total", 1.0),
+            ("meshdns_cache_entries", 2.0),
         ]),
     );
 

@@ -596,8 +596,9 @@ fn pod_in_a_network_namespace() {
     };
     assert!(logged(helloworld, "qtype=A") >= 4, "{}", log.join("\n"));
     assert!(logged(httpbin, "qtype=A") >= 4, "{}", log.join("\n"));
+    // Relayed from the upstream, or repeated from the response cache.
     assert!(
-        logged("www.example.test", "outcome=\"forwarded\"") >= 4,
+        logged("www.example.test", "outcome=\"forwarded\"") + logged("www.example.test", "outcome=\"cache_hit\"") >= 4,
         "{}",
         log.join("\n")
     );
@@ -626,7 +627,8 @@ fn pod_in_a_network_namespace() {
     // No loop: the proxy's forwarded queries reached the upstream (a looped query would come
     // back to meshdns, never reach it, and end in SERVFAIL), passing the UID exclusion and
     // the zone rules on the way; the app's went through the redirect.
-    assert!(reached(UPSTREAM_NAME) >= 4, "{}", seen.join("\n"));
+    // (Once: the repeats are answered from meshdns's cache.)
+    assert!(reached(UPSTREAM_NAME) >= 1, "{}", seen.join("\n"));
     let counted = checked(pod.exec("iptables-save", &["-c"])).stdout;
     assert!(
         packets(&counted, "-A MESHDNS_OUTPUT -m owner --uid-owner 1337 -j RETURN") > 0,

@@ -90,6 +90,13 @@ pub enum DumpError {
         list: &'static str,
         kind: String,
     },
+    /// No document at all: never what kubectl writes (an empty result is an empty `List`), but
+    /// what a file truncated to nothing, or read between a shell's `>` and its writer, holds.
+    #[error("the dump is empty: no objects, not even an empty List (a file cut short?)")]
+    Empty,
+    /// Objects, but none a dump of services has: the wrong file (a ConfigMap, a Deployment).
+    #[error("no Service or EndpointSlice in the dump, only other kinds (first: {kind}, {at})")]
+    NoServices { kind: String, at: String },
     /// A Service or EndpointSlice with a missing or unusable field.
     #[error("{kind} {object}: {field}: {problem} ({at})")]
     Invalid {
@@ -119,8 +126,18 @@ pub fn parse_dump(bytes: &[u8], gateway_selector: &LabelSelector) -> Result<Clus
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
 
     let mut builder = Builder::new(gateway_selector);
-    for (index, document) in read_documents(text)?.into_iter().enumerate() {
+    let documents = read_documents(text)?;
+    // A dump that loads as nothing would take every name of its cluster away.
+    if documents.iter().all(|d| matches!(d, Field::Absent)) {
+        return Err(DumpError::Empty);
+    }
+    for (index, document) in documents.into_iter().enumerate() {
         builder.document(index + 1, document)?;
+    }
+    if !builder.relevant
+        && let Some((kind, at)) = builder.other.take()
+    {
+        return Err(DumpError::NoServices { kind, at });
     }
     Ok(builder.finish())
 }
@@ -633,6 +650,10 @@ fn normalize_dns_name(name: &str) -> String {
 struct Builder<'a> {
     gateway_selector: &'a LabelSelector,
     state: ClusterState,
+    /// A Service or an EndpointSlice was read.
+    relevant: bool,
+    /// The first object of another kind (`apiVersion kind`) and where it is.
+    other: Option<(String, String)>,
 }
 
 impl<'a> Builder<'a> {
@@ -640,6 +661,8 @@ impl<'a> Builder<'a> {
         Self {
             gateway_selector,
             state: ClusterState::default(),
+            relevant: false,
+            other: None,
         }
     }
 
@@ -743,9 +766,25 @@ impl<'a> Builder<'a> {
 
     fn object(&mut self, at: Location, class: Class, object: RawObject) -> Result<(), DumpError> {
         match class {
-            Class::Service => self.service(at, object),
-            Class::EndpointSlice => self.endpoint_slice(at, object),
-            Class::List(_) | Class::Other => Ok(()),
+            Class::Service => {
+                self.relevant = true;
+                self.service(at, object)
+            }
+            Class::EndpointSlice => {
+                self.relevant = true;
+                self.endpoint_slice(at, object)
+            }
+            Class::List(_) | Class::Other => {
+                if self.other.is_none() {
+                    let kind = match (&object.api_version, &object.kind) {
+                        (Field::Present(version), Field::Present(kind)) => format!("{version} {kind}"),
+                        (_, Field::Present(kind)) => kind.clone(),
+                        _ => "object without a kind".to_string(),
+                    };
+                    self.other = Some((kind, at.to_string()));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -1140,10 +1179,12 @@ items:
     #[test]
     fn valid_dumps() {
         let cases: &[(&str, &str, &[&str])] = &[
-            ("empty input", "", &[]),
-            ("whitespace and comments", "  \n# nothing here\n", &[]),
-            ("only separators", "---\n---\n", &[]),
             ("empty list", "apiVersion: v1\nkind: List\nitems: []\n", &[]),
+            (
+                "empty typed list",
+                "apiVersion: v1\nkind: ServiceList\nitems: []\n",
+                &[],
+            ),
             ("list without items", "kind: List\nmetadata: {}\n", &[]),
             (
                 "list",
@@ -1322,6 +1363,30 @@ items:
                 "document 1, items[0]: a List inside a list is not supported",
             ),
             ("scalar document", b"just text\n".to_vec(), "document 1: expected a Kubernetes object, found a string"),
+            ("empty input", b"".to_vec(), "the dump is empty"),
+            ("whitespace and comments", b"  \n# nothing here\n".to_vec(), "the dump is empty"),
+            ("only separators", b"---\n---\n".to_vec(), "the dump is empty"),
+            ("only a null document", b"~\n".to_vec(), "the dump is empty"),
+            (
+                "a ConfigMap list",
+                b"apiVersion: v1\nitems:\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: a}\nkind: List\n".to_vec(),
+                "no Service or EndpointSlice in the dump, only other kinds (first: v1 ConfigMap, document 1, items[0])",
+            ),
+            (
+                "a Deployment",
+                b"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n".to_vec(),
+                "only other kinds (first: apps/v1 Deployment, document 1)",
+            ),
+            (
+                "an empty list of another kind",
+                b"apiVersion: v1\nkind: ConfigMapList\nitems: []\n".to_vec(),
+                "(first: v1 ConfigMapList, document 1)",
+            ),
+            (
+                "a Knative Service",
+                b"apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: a}\n".to_vec(),
+                "(first: serving.knative.dev/v1 Service, document 1)",
+            ),
             ("null list item", b"kind: List\nitems: [~]\n".to_vec(), "document 1, items[0]: expected a Kubernetes object, found null"),
             ("items not a list", b"kind: List\nitems: {a: 1}\n".to_vec(), "document 1: items: expected a list, found a mapping"),
             ("missing kind", b"metadata: {name: a}\n".to_vec(), "document 1: kind: missing"),
@@ -1542,7 +1607,11 @@ metadata:
         assert!(matches!(parse(&json), Err(DumpError::Json(_))));
         // Just inside the budget still parses, within a test thread's stack.
         let inside = YAML_MAX_DEPTH - 2;
-        let yaml = format!("kind: ConfigMap\ndata: {}{}", "[".repeat(inside), "]".repeat(inside));
+        let yaml = format!(
+            "kind: ConfigMap\ndata: {}{}\n---\nkind: Service\nmetadata: {{name: a}}\n",
+            "[".repeat(inside),
+            "]".repeat(inside)
+        );
         assert!(parse(&yaml).is_ok());
     }
 

@@ -3,6 +3,7 @@
 //! cluster, so, as istiod does, meshdns refuses anything in them that would run a program or
 //! read a file of the pod: exec credential plugins, auth providers, and file paths.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,13 +40,31 @@ pub fn read_kubeconfig(path: &Path) -> Result<String, KubeconfigError> {
         path: path.to_path_buf(),
         source,
     };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
-    if len > MAX_KUBECONFIG_BYTES {
-        return Err(KubeconfigError::TooLarge {
-            path: path.to_path_buf(),
-        });
+    let too_large = || KubeconfigError::TooLarge {
+        path: path.to_path_buf(),
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if file.metadata().map_err(read_err)?.len() > MAX_KUBECONFIG_BYTES {
+        return Err(too_large());
     }
-    std::fs::read_to_string(path).map_err(read_err)
+    // Capped while reading too: a file that grows meanwhile, or a path naming a device that
+    // never ends (`/dev/zero`), must not be read into memory whole.
+    let mut bytes = Vec::new();
+    file.take(MAX_KUBECONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_KUBECONFIG_BYTES {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text: invalid byte at offset {}",
+                e.utf8_error().valid_up_to()
+            ),
+        ))
+    })
 }
 
 /// Parses kubeconfig text; with `untrusted`, also applies the remote-secret rules.
@@ -58,6 +77,29 @@ pub fn parse_kubeconfig(text: &str, untrusted: bool) -> Result<Kubeconfig, Kubec
         .any(|c| c.cluster.as_ref().is_some_and(|c| c.server.is_some()))
     {
         return Err(KubeconfigError::Parse("no cluster with a server address".into()));
+    }
+    // The client is built from the current context, so a file cut short before its contexts
+    // (or naming one it lacks) is unusable: say so here, where `check` sees it too.
+    let current = config
+        .current_context
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| KubeconfigError::Parse("current-context is not set".into()))?;
+    let context = config
+        .contexts
+        .iter()
+        .find(|c| c.name == current)
+        .and_then(|c| c.context.as_ref())
+        .ok_or_else(|| KubeconfigError::Parse(format!("current-context {current:?} names no context")))?;
+    if !config
+        .clusters
+        .iter()
+        .any(|c| c.name == context.cluster && c.cluster.as_ref().is_some_and(|c| c.server.is_some()))
+    {
+        return Err(KubeconfigError::Parse(format!(
+            "context {current:?} names cluster {:?}, which is missing or has no server",
+            context.cluster
+        )));
     }
     if untrusted {
         check_untrusted(&config)?;
@@ -173,6 +215,42 @@ users:
     fn garbage_is_a_parse_error() {
         for text in ["", "::::", "clusters: 7", "\u{0}\u{1}binary", "clusters: []\nusers: []"] {
             assert!(parse_kubeconfig(text, true).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn reading_is_capped_and_needs_utf8() {
+        // A device reports no length: the cap must hold while reading.
+        let err = read_kubeconfig(Path::new("/dev/zero"))
+            .expect_err("endless")
+            .to_string();
+        assert!(err.contains("larger than 1048576 bytes"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let latin1 = dir.path().join("latin1");
+        std::fs::write(&latin1, b"apiVersion: v1\nkind: Config # caf\xe9\n").expect("write");
+        let err = read_kubeconfig(&latin1).expect_err("not UTF-8").to_string();
+        assert!(err.contains("not UTF-8 text: invalid byte at offset 33"), "{err}");
+    }
+
+    #[test]
+    fn the_current_context_must_resolve() {
+        let cut = &BASE[..BASE.find("contexts:").expect("contexts")];
+        let cases = [
+            (cut.to_string(), "current-context is not set"),
+            (
+                BASE.replace("current-context: c2", "current-context: c9"),
+                "\"c9\" names no context",
+            ),
+            (
+                BASE.replace("{cluster: c2,", "{cluster: c9,"),
+                "names cluster \"c9\", which is missing",
+            ),
+        ];
+        for (text, want) in cases {
+            for untrusted in [false, true] {
+                let err = parse_kubeconfig(&text, untrusted).expect_err(want).to_string();
+                assert!(err.contains(want), "{want}: {err}");
+            }
         }
     }
 }

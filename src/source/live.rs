@@ -165,8 +165,10 @@ impl Folder {
             }
             Event::Delete(svc) => {
                 let key = object_key(svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref());
-                self.state.gateways.remove(&key);
-                self.state.services.remove(&key).is_some()
+                // A gateway Service whose spec could not be used is in `gateways` only: its
+                // removal is a change too.
+                let gateway = self.state.gateways.remove(&key).is_some();
+                self.state.services.remove(&key).is_some() || gateway
             }
         }
     }

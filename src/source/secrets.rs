@@ -23,9 +23,14 @@ use crate::hub::{ClusterMeta, Hub};
 /// How often the directory is rescanned without an event, in case a watch was lost.
 pub const SECRETS_POLL: Duration = Duration::from_secs(10);
 
+/// An entry's kubeconfig text, or why it could not be read (not UTF-8, too large).
+type Content = Result<String, String>;
+
 /// One entry of the directory as last seen.
 struct Running {
-    content: String,
+    /// An unreadable entry is kept as its error, so it is refused (and logged) once, not on
+    /// every rescan, and retried when what is read changes.
+    content: Content,
     /// `None` when the entry was refused; it stays out until its content changes.
     task: Option<JoinHandle<()>>,
 }
@@ -90,7 +95,11 @@ impl RemoteSecrets {
                 }
                 info!(cluster = %name, "remote secret changed; restarting cluster");
             }
-            let task = match self.start(&name, &content).await {
+            let started = match &content {
+                Ok(text) => self.start(&name, text).await,
+                Err(problem) => Err(problem.clone()),
+            };
+            let task = match started {
                 Ok(task) => Some(task),
                 Err(problem) => {
                     error!(cluster = %name, path = %self.dir.join(&name).display(), %problem, "remote cluster refused");
@@ -161,10 +170,11 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Recomme
     Ok(watcher)
 }
 
-/// The directory's visible entries (symlinks followed) and their contents. Unreadable entries
-/// are logged and skipped. A directory that is gone has no entries; one that cannot be read
-/// gives `None`, so a passing error does not remove every remote cluster.
-fn read_entries(dir: &Path) -> Option<BTreeMap<String, String>> {
+/// The directory's visible entries (symlinks followed) and their contents; an entry that
+/// cannot be read is there with the reason, so its cluster is refused rather than silently
+/// dropped. A directory that is gone has no entries; one that cannot be read gives `None`, so a
+/// passing error does not remove every remote cluster.
+fn read_entries(dir: &Path) -> Option<BTreeMap<String, Content>> {
     let mut out = BTreeMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -187,12 +197,7 @@ fn read_entries(dir: &Path) -> Option<BTreeMap<String, String>> {
         if !path.is_file() {
             continue;
         }
-        match read_kubeconfig(&path) {
-            Ok(content) => {
-                out.insert(name, content);
-            }
-            Err(error) => warn!(cluster = %name, %error, "remote secret entry unreadable"),
-        }
+        out.insert(name, read_kubeconfig(&path).map_err(|e| e.to_string()));
     }
     Some(out)
 }

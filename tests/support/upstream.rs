@@ -54,7 +54,32 @@ pub enum Behavior {
     BigAnswer(usize),
     /// First a spoof with a wrong ID, then the right answer.
     WrongIdThenRight,
+    /// First a reply carrying [`SPOOFED_V4`] that fails one of the forwarder's checks, then,
+    /// if `then_right`, the right answer. The spoofs from another address or port are sent
+    /// over UDP only (TCP cannot be spoofed that way): over TCP those are `Normal` or `Silent`.
+    Spoofed { spoof: Spoof, then_right: bool },
+    /// The right answer cut two bytes short, inside its last record's data. With `tc` the TC
+    /// bit is set over UDP and the full answer is served over TCP, as from a server that cuts
+    /// its datagrams at the byte level; without, both transports get the cut reply.
+    CutMidRecord { tc: bool },
 }
+
+/// What a [`Behavior::Spoofed`] reply gets wrong, giving itself away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spoof {
+    /// The ID: ID + 1.
+    Id,
+    /// The question: right ID, another question name.
+    Question,
+    /// The source address: right ID and question, sent from 127.0.0.2 on the fake's own port,
+    /// like an off-path spoofer that guessed everything but cannot send from the upstream.
+    SourceAddr,
+    /// The source port: right ID and question, sent from 127.0.0.1 but another port.
+    SourcePort,
+}
+
+/// The only address spoofed replies carry, so a test can assert it never reaches a client.
+pub const SPOOFED_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 66, 66);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Via {
@@ -68,6 +93,8 @@ struct State {
     udp_queries: AtomicUsize,
     tcp_queries: AtomicUsize,
     last_query: Mutex<Option<Vec<u8>>>,
+    /// Where [`Spoof::SourceAddr`] and [`Spoof::SourcePort`] replies are sent from.
+    spoofer: Option<Arc<UdpSocket>>,
 }
 
 /// A running fake upstream; stops when dropped.
@@ -91,15 +118,31 @@ impl FakeUpstream {
                 (name, ip)
             })
             .collect();
+        let (udp, tcp) = bind_pair();
+        let addr = udp.local_addr().expect("local addr");
+        let spoofer = match behavior {
+            Behavior::Spoofed {
+                spoof: Spoof::SourceAddr,
+                ..
+            } => Some(SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), addr.port()))),
+            Behavior::Spoofed {
+                spoof: Spoof::SourcePort,
+                ..
+            } => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            _ => None,
+        };
+        let spoofer = match spoofer {
+            Some(at) => Some(Arc::new(UdpSocket::bind(at).await.expect("bind the spoofing socket"))),
+            None => None,
+        };
         let state = Arc::new(State {
             records,
             behavior,
             udp_queries: AtomicUsize::new(0),
             tcp_queries: AtomicUsize::new(0),
             last_query: Mutex::new(None),
+            spoofer,
         });
-        let (udp, tcp) = bind_pair();
-        let addr = udp.local_addr().expect("local addr");
         let udp = UdpSocket::from_std(udp).expect("tokio udp");
         let tcp = TcpListener::from_std(tcp).expect("tokio tcp");
         let tasks = vec![
@@ -165,6 +208,10 @@ async fn serve_udp(socket: Arc<UdpSocket>, state: Arc<State>) {
         };
         let query = buf[..len].to_vec();
         state.udp_queries.fetch_add(1, Ordering::SeqCst);
+        // The spoof goes first, so that a forwarder that accepted it would relay it.
+        if let (Some(spoofer), Some(spoof)) = (&state.spoofer, state.spoof_from_elsewhere(&query)) {
+            let _ = spoofer.send_to(&spoof, peer).await;
+        }
         let replies = state.replies(&query, Via::Udp);
         if let Behavior::Slow(delay) = state.behavior {
             let socket = socket.clone();
@@ -255,6 +302,39 @@ impl State {
                 spoof.metadata.id = id.wrapping_add(1);
                 vec![self.fit(spoof, &request, via), self.fit(right, &request, via)]
             }
+            Behavior::Spoofed { spoof, then_right } => {
+                let mut out = Vec::new();
+                if matches!(spoof, Spoof::Id | Spoof::Question) {
+                    let mut fake = self.spoof(&request);
+                    match spoof {
+                        Spoof::Id => fake.metadata.id = id.wrapping_add(1),
+                        _ => {
+                            if let Some(question) = fake.queries.first_mut() {
+                                question.set_name(Name::from_ascii("spoofed.invalid.").expect("valid name"));
+                            }
+                        }
+                    }
+                    out.push(encode(&fake));
+                }
+                if then_right {
+                    out.push(self.fit(self.answer(&request), &request, via));
+                }
+                out
+            }
+            Behavior::CutMidRecord { tc } => {
+                // Without OPT, so the last record is the answer and the cut lands in its data.
+                let mut reply = self.answer(&request);
+                reply.edns = None;
+                let mut bytes = encode(&reply);
+                if tc && via == Via::Tcp {
+                    return vec![bytes];
+                }
+                bytes.truncate(bytes.len().saturating_sub(2));
+                if tc && let Some(flags) = bytes.get_mut(2) {
+                    *flags |= 0x02;
+                }
+                vec![bytes]
+            }
             Behavior::TruncateUdp if via == Via::Udp => {
                 vec![encode(&self.answer(&request).truncate())]
             }
@@ -298,6 +378,21 @@ impl State {
             reply.edns = Some(echoed);
         }
         reply
+    }
+
+    /// The right answer's shape with [`SPOOFED_V4`] as its only address.
+    fn spoof(&self, request: &Message) -> Message {
+        let mut reply = self.shell(request, ResponseCode::NoError);
+        if let Some(question) = request.queries.first() {
+            reply.add_answer(Record::from_rdata(question.name().clone(), 60, RData::A(A(SPOOFED_V4))));
+        }
+        reply
+    }
+
+    /// The spoof [`Spoof::SourceAddr`] and [`Spoof::SourcePort`] send from the other socket.
+    fn spoof_from_elsewhere(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let request = Message::from_vec(query).ok()?;
+        Some(encode(&self.spoof(&request)))
     }
 
     fn rcode_only(&self, request: &Message, rcode: ResponseCode) -> Message {

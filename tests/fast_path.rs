@@ -1,0 +1,151 @@
+//! The UDP fast path must answer exactly as the full path does. Two servers share one table and
+//! one handler setup, one with the fast path and one without; every question below goes to
+//! both and the replies must agree in everything but the order of address records (both
+//! paths spread load by varying it).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
+use meshdns::cluster::{DEFAULT_GATEWAY_SELECTOR, LabelSelector};
+use meshdns::handler::DnsHandler;
+use meshdns::hub::SharedTable;
+use meshdns::metrics::Metrics;
+use meshdns::server::{DnsServer, ServerSettings};
+use meshdns::source::parse_dump;
+use meshdns::table::{ClusterInput, Table, TableSettings};
+use meshdns::upstream::{Forward, ForwardError, Transport};
+use support::dns::{Proto, exchange_raw, query_msg};
+
+/// Forwarding answers SERVFAIL on both paths; this test is about table answers.
+struct NoUpstream;
+
+impl Forward for NoUpstream {
+    async fn forward(&self, _query: &[u8], _transport: Transport) -> Result<Message, ForwardError> {
+        Err(ForwardError::NoUpstreams)
+    }
+}
+
+fn demo_table() -> SharedTable {
+    let selector = LabelSelector::parse(DEFAULT_GATEWAY_SELECTOR).unwrap();
+    let one = parse_dump(meshdns::demo::CLUSTER_1.as_bytes(), &selector).unwrap();
+    let two = parse_dump(meshdns::demo::CLUSTER_2.as_bytes(), &selector).unwrap();
+    let settings = TableSettings {
+        cluster_domain: "cluster.local".into(),
+        ttl: 30,
+        negative_ttl: 5,
+        search: meshdns::demo::SEARCH.iter().map(ToString::to_string).collect(),
+    };
+    let input = |name, local, state| ClusterInput {
+        name,
+        local,
+        state,
+        loaded: true,
+        gateway_override: None,
+    };
+    let inputs = [input("cluster-1", true, &one), input("cluster-2", false, &two)];
+    Arc::new(ArcSwap::from_pointee(Table::build(&settings, &inputs, 1).0))
+}
+
+async fn server(table: &SharedTable, fast: bool) -> DnsServer {
+    let metrics = Arc::new(Metrics::new());
+    let handler = DnsHandler::with_metrics(Arc::clone(table), Arc::new(NoUpstream), Arc::clone(&metrics));
+    let mut settings = ServerSettings::new(Duration::from_secs(5), metrics);
+    settings.fast_path = fast.then(|| Arc::clone(table));
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    DnsServer::bind(&[listen], handler, settings).await.unwrap()
+}
+
+/// A reply with the order of records inside each section made canonical.
+fn canonical(bytes: &[u8]) -> String {
+    let mut msg = Message::from_vec(bytes).expect("reply parses");
+    let sort = |records: &mut Vec<hickory_proto::rr::Record>| records.sort_by_key(ToString::to_string);
+    sort(&mut msg.answers);
+    sort(&mut msg.authorities);
+    sort(&mut msg.additionals);
+    format!(
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        msg.metadata, msg.queries, msg.answers, msg.authorities, msg.additionals, msg.edns
+    )
+}
+
+/// Spells `name` in mixed case, as 0x20-randomising resolvers do.
+fn mixed_case(name: &str) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+        .collect()
+}
+
+#[tokio::test]
+async fn fast_and_full_paths_give_the_same_answers() {
+    let table = demo_table();
+    let fast = server(&table, true).await;
+    let full = server(&table, false).await;
+    let (fast_addr, full_addr) = (fast.local_addrs()[0], full.local_addrs()[0]);
+
+    let mut names: Vec<String> = table
+        .load()
+        .iter()
+        .filter_map(|(name, _)| name.map(|n| n.to_string()))
+        .collect();
+    names.sort();
+    let extra = [
+        "helloworld.sleep.svc.cluster.local.",
+        "helloworld.helloworld.sleep.svc.cluster.local.",
+        "helloworld.helloworld.svc.cluster.local.cluster.local.",
+        "sleep.sleep.sleep.svc.cluster.local.",
+        "nothere.nothere.svc.cluster.local.",
+        "helloworld.svc.cluster.local.",
+        "x.pod.cluster.local.",
+        "nothere.helloworld.svc.cluster.local.",
+        "svc.cluster.local.",
+        "www.example.test.",
+    ];
+    names.extend(extra.iter().map(ToString::to_string));
+    assert!(names.len() > extra.len() + 5, "the demo table has names: {names:?}");
+
+    let mut compared = 0;
+    let mut fast_answered = 0;
+    for name in &names {
+        for spelled in [name.clone(), mixed_case(name)] {
+            for qtype in [RecordType::A, RecordType::AAAA, RecordType::ANY, RecordType::SRV] {
+                for (edns, dnssec_ok) in [
+                    (None, false),
+                    (Some(512), false),
+                    (Some(1232), true),
+                    (Some(100), false),
+                ] {
+                    let mut msg = query_msg(&spelled, qtype, edns, dnssec_ok);
+                    msg.metadata.checking_disabled = dnssec_ok;
+                    let bytes = msg.to_vec().unwrap();
+                    let wait = Duration::from_secs(3);
+                    let a = exchange_raw(fast_addr, Proto::Udp, &bytes, wait).await;
+                    let b = exchange_raw(full_addr, Proto::Udp, &bytes, wait).await;
+                    let (Some(a), Some(b)) = (a, b) else {
+                        panic!("{spelled} {qtype} {edns:?}: no reply from one of the paths");
+                    };
+                    assert_eq!(
+                        canonical(&a),
+                        canonical(&b),
+                        "{spelled} {qtype} EDNS {edns:?}: the fast path differs"
+                    );
+                    compared += 1;
+                    let mut out = [0u8; 4096];
+                    if meshdns::fast::answer(&table.load(), &bytes, 0, &mut out).is_some() {
+                        fast_answered += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 100, "compared {compared} replies");
+    assert!(fast_answered > 20, "the fast path answered {fast_answered} of them");
+    fast.shutdown(Duration::from_millis(100)).await;
+    full.shutdown(Duration::from_millis(100)).await;
+}
