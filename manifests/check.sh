@@ -4,7 +4,8 @@
 # OpenAPI schemas that the kubernetes-validate package bundles; the Istio injection template
 # holds the same containers and volumes as the kustomize component and validates as a Pod;
 # create-remote-secret.sh, run against a stand-in kubectl, writes a valid Secret whose
-# kubeconfig kubectl can read. Nothing here touches a network or a cluster.
+# kubeconfig kubectl can read; RBAC and security contexts keep to least privilege. Nothing
+# here touches a network or a cluster.
 #
 #   pip install kubernetes-validate   (.ci/run does)
 #   manifests/check.sh
@@ -122,6 +123,58 @@ if out="$(KUBECTL="$work/kubectl" ./create-remote-secret.sh other=unknown-ctx 2>
   echo "FAIL create-remote-secret.sh: a failing context must print nothing and exit non-zero" >&2
   failed=1
 fi
+
+# Least privilege, over everything rendered above and the injection template: RBAC only reads
+# Services and EndpointSlices (never Secrets: remote kubeconfigs come as a mounted volume); the
+# meshdns container runs as non-root with a read-only root filesystem and no capabilities; the
+# iptables init container adds NET_ADMIN and NET_RAW and nothing else.
+"$python" - "$work"/*.yaml <<'PY' || failed=1
+import sys, yaml
+problems, pods = [], 0
+allowed = {("", "services"), ("discovery.k8s.io", "endpointslices")}
+def pod_specs(obj):
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "Pod":
+        yield spec
+    elif isinstance(spec.get("template"), dict):
+        yield spec["template"].get("spec") or {}
+for path in sys.argv[1:]:
+    with open(path) as f:
+        for obj in yaml.safe_load_all(f):
+            if not isinstance(obj, dict):
+                continue
+            name = f"{path.rsplit('/', 1)[-1]}: {obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
+            if obj.get("kind") in ("ClusterRole", "Role"):
+                for rule in obj.get("rules") or []:
+                    verbs = set(rule.get("verbs") or [])
+                    if not verbs <= {"get", "list", "watch"}:
+                        problems.append(f"{name}: verbs {sorted(verbs)} are more than get/list/watch")
+                    for group in rule.get("apiGroups") or [""]:
+                        for resource in rule.get("resources") or []:
+                            if (group, resource) not in allowed:
+                                problems.append(f"{name}: reads {group or 'core'}/{resource}")
+            for spec in pod_specs(obj):
+                for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+                    if not str(c.get("name", "")).startswith("meshdns"):
+                        continue
+                    pods += 1
+                    sc = c.get("securityContext") or {}
+                    caps = sc.get("capabilities") or {}
+                    if sc.get("readOnlyRootFilesystem") is not True or sc.get("allowPrivilegeEscalation") is not False:
+                        problems.append(f"{name}: {c['name']} needs readOnlyRootFilesystem and no privilege escalation")
+                    if "ALL" not in (caps.get("drop") or []):
+                        problems.append(f"{name}: {c['name']} does not drop all capabilities")
+                    added = set(caps.get("add") or [])
+                    if c in (spec.get("initContainers") or []):
+                        if not added <= {"NET_ADMIN", "NET_RAW"}:
+                            problems.append(f"{name}: init container {c['name']} adds {sorted(added)}")
+                    elif added or sc.get("runAsNonRoot") is not True or sc.get("privileged"):
+                        problems.append(f"{name}: {c['name']} must run as non-root without capabilities")
+if problems or not pods:
+    print("\n".join(problems) or "no meshdns container found", file=sys.stderr)
+    sys.exit(1)
+print(f"ok   least privilege ({pods} meshdns containers, RBAC read-only on services and endpointslices)")
+PY
 
 if [ "$failed" -ne 0 ]; then
   echo "manifest checks failed" >&2
