@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use hickory_proto::op::{Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_server::net::NetError;
 use hickory_server::net::runtime::TokioTime;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -34,12 +34,12 @@ use kube::runtime::watcher::Event;
 use crate::cluster::{ClusterState, DEFAULT_GATEWAY_SELECTOR, Ingress, LabelSelector, ObjectKey, SERVICE_NAME_LABEL};
 use crate::explain;
 use crate::fast;
-use crate::handler::{DnsHandler, MIN_UDP_PAYLOAD};
+use crate::handler::DnsHandler;
 use crate::hub::SharedTable;
 use crate::lookup::{self, Resolution};
 use crate::metrics::Metrics;
 use crate::resolv::{DNS_PORT, MAX_NAMESERVERS, ResolvConf};
-use crate::server::{Incoming, incoming, take_frame};
+use crate::server::{Encoded, Incoming, encode, incoming, take_frame, udp_limit};
 use crate::source::dump::parse_dump;
 use crate::source::kubeconfig::{KubeconfigError, check_untrusted, parse_kubeconfig};
 use crate::source::live::{Folder, HEADLESS_LABEL};
@@ -265,10 +265,7 @@ fn check_reply(query: &[u8], request: Option<&Request>, reply: &[u8], transport:
         return;
     };
     if transport == Transport::Udp {
-        let max = request
-            .edns
-            .as_ref()
-            .map_or(MIN_UDP_PAYLOAD, |e| e.max_payload().max(MIN_UDP_PAYLOAD));
+        let max = udp_limit(request.edns.as_ref());
         assert!(
             reply.len() <= usize::from(max),
             "UDP reply of {} bytes exceeds the client's {max}",
@@ -324,7 +321,7 @@ fn check_fallback(query: &[u8], request: Option<&Request>, reply: &[u8], transpo
 /// One reply, and whether it is the server's fallback SERVFAIL.
 type Captured = (Vec<u8>, bool);
 
-/// Captures what the handler sends, encoded as the server encodes it (`server::encode`).
+/// Captures what the handler sends, encoded by the server's own `server::encode`.
 #[derive(Clone)]
 struct Capture {
     transport: Transport,
@@ -345,32 +342,10 @@ impl ResponseHandler for Capture {
         >,
     ) -> Result<ResponseInfo, NetError> {
         let max = match self.transport {
-            Transport::Udp => response
-                .edns()
-                .map_or(MIN_UDP_PAYLOAD, |edns| edns.max_payload().max(MIN_UDP_PAYLOAD)),
+            Transport::Udp => udp_limit(response.edns()),
             Transport::Tcp => u16::MAX,
         };
-        let id = response.metadata().id;
-        let op_code = response.metadata().op_code;
-        let mut bytes = Vec::with_capacity(usize::from(MIN_UDP_PAYLOAD));
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(max);
-        let mut fell_back = false;
-        let info = match response.destructive_emit(&mut encoder) {
-            Ok(info) => info,
-            // The server's fallback: a bare SERVFAIL.
-            Err(_) => {
-                let mut metadata = Metadata::new(id, MessageType::Response, op_code);
-                metadata.response_code = ResponseCode::ServFail;
-                let header = Header {
-                    metadata,
-                    counts: HeaderCounts::default(),
-                };
-                bytes = header.to_bytes()?;
-                fell_back = true;
-                ResponseInfo::from(header)
-            }
-        };
+        let Encoded { info, bytes, fell_back } = encode(response, max)?;
         self.replies
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use hickory_proto::op::{Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::NetError;
@@ -728,9 +728,23 @@ fn answerable(src: SocketAddr) -> bool {
     src.port() != 0 && !ip.is_unspecified() && !ip.is_multicast() && !broadcast
 }
 
+/// An encoded response.
+pub struct Encoded {
+    pub info: ResponseInfo,
+    pub bytes: Vec<u8>,
+    /// The response could not be encoded; `bytes` is the bare SERVFAIL that replaced it.
+    pub fell_back: bool,
+}
+
+/// The largest UDP answer a client takes: 512 bytes without EDNS (RFC 1035), else the size it
+/// advertised (at least 512).
+pub fn udp_limit(edns: Option<&Edns>) -> u16 {
+    edns.map_or(MIN_UDP_PAYLOAD, |edns| edns.max_payload().max(MIN_UDP_PAYLOAD))
+}
+
 /// Serializes a response, truncated (TC) to `max_size`; an answer that cannot be encoded at all
-/// becomes a bare SERVFAIL.
-fn encode<'a>(
+/// becomes a bare SERVFAIL. Public for the fuzz targets, which encode as the server does.
+pub fn encode<'a>(
     response: MessageResponse<
         '_,
         'a,
@@ -740,14 +754,18 @@ fn encode<'a>(
         impl Iterator<Item = &'a Record> + Send + 'a,
     >,
     max_size: u16,
-) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+) -> Result<Encoded, NetError> {
     let id = response.metadata().id;
     let op_code = response.metadata().op_code;
     let mut bytes = Vec::with_capacity(usize::from(MIN_UDP_PAYLOAD));
     let mut encoder = BinEncoder::new(&mut bytes);
     encoder.set_max_size(max_size);
     match response.destructive_emit(&mut encoder) {
-        Ok(info) => Ok((info, bytes)),
+        Ok(info) => Ok(Encoded {
+            info,
+            bytes,
+            fell_back: false,
+        }),
         Err(error) => {
             warn!(%error, "cannot encode a response; answering SERVFAIL");
             let mut metadata = Metadata::new(id, MessageType::Response, op_code);
@@ -756,8 +774,11 @@ fn encode<'a>(
                 metadata,
                 counts: HeaderCounts::default(),
             };
-            let bytes = header.to_bytes()?;
-            Ok((ResponseInfo::from(header), bytes))
+            Ok(Encoded {
+                bytes: header.to_bytes()?,
+                info: ResponseInfo::from(header),
+                fell_back: true,
+            })
         }
     }
 }
@@ -782,11 +803,8 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        // RFC 1035: without EDNS a UDP answer is at most 512 bytes.
-        let max = response
-            .edns()
-            .map_or(MIN_UDP_PAYLOAD, |edns| edns.max_payload().max(MIN_UDP_PAYLOAD));
-        let (info, bytes) = encode(response, max)?;
+        let max = udp_limit(response.edns());
+        let Encoded { info, bytes, .. } = encode(response, max)?;
         self.socket.send_to(&bytes, self.dst).await?;
         Ok(info)
     }
@@ -826,7 +844,7 @@ impl ResponseHandler for TcpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode(response, u16::MAX)?;
+        let Encoded { info, bytes, .. } = encode(response, u16::MAX)?;
         self.write(&bytes).await?;
         Ok(info)
     }
