@@ -218,6 +218,13 @@ async fn a_malformed_watch_event_changes_nothing_and_later_events_apply() {
     let proxy = start(&local, &remotes, &upstream).await;
     let gw = format!("A {}", gateway_ip(0));
 
+    // The proxy is ready once its lists are in; its watches open just after. The bad line goes
+    // only to streams open when it is injected, so wait for both (Services, EndpointSlices).
+    let started_wait = Instant::now();
+    while remotes[0].open_watches() < 2 {
+        assert!(started_wait.elapsed() < RESUME_BOUND, "the watches never opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = errors(&proxy, "cluster-2");
     remotes[0].inject_malformed_event();
     // The bad line is a decode error for kube: it is reported, the watch carries on.
