@@ -500,7 +500,7 @@ pub fn dump_parser(data: &[u8]) {
     let lowercase = |s: &str| !s.bytes().any(|b| b.is_ascii_uppercase());
     for key in state.services.keys().chain(state.endpoint_slices.keys()) {
         assert!(
-            lowercase(&key.namespace) && lowercase(&key.name),
+            lowercase(key.namespace()) && lowercase(key.name()),
             "key {key} is not lowercase"
         );
     }

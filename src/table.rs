@@ -3,6 +3,7 @@
 //! [`crate::hub`]), so a query reads one consistent snapshot and never waits for a rebuild.
 
 use std::collections::BTreeSet;
+use std::collections::hash_map::Entry as Slot;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,9 +14,9 @@ use hickory_proto::rr::{Name, RData, Record};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 use crate::cluster::{
-    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort, is_dns_label,
+    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort,
 };
-use crate::name_key::{KeyBuf, ancestors, to_name};
+use crate::name_key::{KeyBuf, MAX_KEY_LEN, ancestors, to_name};
 
 /// SOA timers other than the minimum; resolvers only use the minimum for negative caching,
 /// but the values must be sane for tools that print them. They follow CoreDNS's defaults.
@@ -102,13 +103,12 @@ pub struct ClusterInput<'a> {
 /// An immutable snapshot of every name meshdns answers.
 #[derive(Debug)]
 pub struct Table {
-    /// Keyed by [`crate::name_key`] keys.
-    entries: HashMap<Box<[u8]>, Entry>,
+    entries: Names,
     /// Names that exist only because table names lie below them (`<ns>.svc.<zone>`,
     /// `svc.<zone>`): they have no records but must not be denied (RFC 8020).
     empty_non_terminals: HashSet<Box<[u8]>>,
     /// Reverse names: local ClusterIPs and local headless endpoint IPs, to the name they serve.
-    ptr: HashMap<IpAddr, Box<[u8]>>,
+    ptr: PtrTargets,
     cluster_domain: Name,
     svc_zone: Name,
     /// Keys of `cluster_domain` and `svc_zone`, for zone checks on keys.
@@ -142,8 +142,8 @@ impl Table {
     }
 
     /// Builds the table from every cluster's state. This runs on every change, so it avoids
-    /// per-service work that can be shared: keys are built once, and remote services held by
-    /// the same set of clusters share one answer.
+    /// per-service work that can be shared: a service's key comes ready-made (and shared) from
+    /// its [`ObjectKey`], and remote services held by the same set of clusters share one answer.
     pub fn build(settings: &TableSettings, clusters: &[ClusterInput<'_>], generation: u64) -> (Self, BuildReport) {
         let cluster_domain = fqdn(&settings.cluster_domain).unwrap_or_else(Name::root);
         let svc_zone = Name::from_ascii("svc")
@@ -158,11 +158,13 @@ impl Table {
             .filter(|c| c.local)
             .map(|c| c.state.services.len())
             .sum();
+        let svc_key = KeyBuf::from_name(&svc_zone).unwrap_or_default();
         let mut b = Builder {
-            svc_key: KeyBuf::from_name(&svc_zone).unwrap_or_default(),
-            entries: HashMap::with_capacity(capacity),
+            entries: Names::with_capacity(svc_key.to_boxed(), capacity),
+            svc_key,
             ents: HashSet::new(),
-            ptr: HashMap::with_capacity(local_ips),
+            namespaces: HashSet::new(),
+            ptr: PtrTargets::with_capacity(local_ips),
             report: BuildReport::default(),
         };
         let cluster_names: Vec<Arc<str>> = clusters.iter().map(|c| Arc::from(c.name)).collect();
@@ -172,6 +174,11 @@ impl Table {
             b.local_cluster(cluster.state, &cluster_names[i]);
         }
         b.remote_clusters(clusters, &cluster_names);
+        for namespace in std::mem::take(&mut b.namespaces) {
+            if let Some(key) = b.full_key(namespace) {
+                b.ents.insert(key.to_boxed());
+            }
+        }
         if !b.entries.is_empty() {
             b.ents.insert(b.svc_key.to_boxed());
         }
@@ -187,7 +194,7 @@ impl Table {
                 },
                 ports: None,
             };
-            b.entries.insert(version.to_boxed(), entry);
+            b.entries.insert(version.as_bytes(), entry);
         }
         let Builder {
             entries,
@@ -267,7 +274,7 @@ impl Table {
 
     /// The key of the name a local ClusterIP or headless endpoint IP serves.
     pub fn ptr(&self, ip: &IpAddr) -> Option<&[u8]> {
-        self.ptr.get(ip).map(|k| &k[..])
+        self.ptr.get(ip)
     }
 
     pub fn is_empty_non_terminal(&self, key: &[u8]) -> bool {
@@ -336,61 +343,208 @@ impl Table {
 
     /// Every entry with its name.
     pub fn iter(&self) -> impl Iterator<Item = (Option<Name>, &Entry)> {
-        self.entries.iter().map(|(k, e)| (to_name(k), e))
+        self.entries.iter()
+    }
+}
+
+/// Every name in the table, in two maps split at `svc.<zone>`: the names below it (services,
+/// their pods and SRV names) keyed by their labels above the zone, every other name by its whole
+/// key. A service's labels are its [`ObjectKey`]'s, shared, so a rebuild allocates no key for
+/// it, and the shorter keys hash faster. Inserts and lookups split a key by the same byte
+/// suffix, so a key is found exactly when one map with one key would find it.
+#[derive(Debug)]
+struct Names {
+    /// Key of `svc.<zone>`.
+    zone: Box<[u8]>,
+    below: HashMap<Arc<[u8]>, Entry>,
+    other: HashMap<Box<[u8]>, Entry>,
+}
+
+impl Names {
+    fn with_capacity(zone: Box<[u8]>, below: usize) -> Self {
+        Self {
+            zone,
+            below: HashMap::with_capacity(below),
+            other: HashMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Entry> {
+        match key.strip_suffix(&*self.zone) {
+            Some(labels) => self.below.get(labels),
+            None => self.other.get(key),
+        }
+    }
+
+    /// Inserts under a whole key (a name that has no [`ObjectKey`] to share labels with).
+    fn insert(&mut self, key: &[u8], entry: Entry) {
+        match key.strip_suffix(&*self.zone) {
+            Some(labels) => self.below.insert(labels.into(), entry),
+            None => self.other.insert(key.into(), entry),
+        };
+    }
+
+    /// Inserts the name `labels` + `svc.<zone>`, which the caller made sure fits in a key.
+    fn insert_below(&mut self, labels: Arc<[u8]>, entry: Entry) {
+        self.below.insert(labels, entry);
+    }
+
+    fn contains_below(&self, labels: &[u8]) -> bool {
+        self.below.contains_key(labels)
+    }
+
+    fn len(&self) -> usize {
+        self.below.len() + self.other.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.below.is_empty() && self.other.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Option<Name>, &Entry)> {
+        let below = self.below.iter().map(|(labels, entry)| {
+            let mut key = KeyBuf::default();
+            let name = key
+                .push_key(labels)
+                .and_then(|()| key.push_key(&self.zone))
+                .and_then(|()| to_name(key.as_bytes()));
+            (name, entry)
+        });
+        below.chain(self.other.iter().map(|(key, entry)| (to_name(key), entry)))
+    }
+}
+
+/// Reverse names: each local address to the key of the name it serves. The keys sit end to end
+/// in one buffer, so thousands of ClusterIPs cost one allocation, not one each.
+#[derive(Debug)]
+struct PtrTargets {
+    by_ip: HashMap<IpAddr, Span>,
+    keys: Vec<u8>,
+}
+
+/// Where a key sits in [`PtrTargets::keys`].
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// Room reserved per reverse name up front: a typical service key (`<name>.<ns>.svc.<zone>`)
+/// fits, so the buffer rarely grows.
+const PTR_KEY_ESTIMATE: usize = 48;
+
+impl PtrTargets {
+    fn with_capacity(addresses: usize) -> Self {
+        Self {
+            by_ip: HashMap::with_capacity(addresses),
+            keys: Vec::with_capacity(addresses.saturating_mul(PTR_KEY_ESTIMATE)),
+        }
+    }
+
+    fn get(&self, ip: &IpAddr) -> Option<&[u8]> {
+        self.by_ip.get(ip).and_then(|span| self.keys.get(span.start..span.end))
+    }
+
+    /// The reverse names of `ips` point to the name whose key is `parts` joined. An address
+    /// claimed twice (two Services with one ClusterIP, a stale endpoint whose IP a new pod
+    /// reuses) goes to the smallest name, so the answer does not depend on the order the
+    /// cluster state's maps iterate in, which differs between rebuilds and between pods.
+    fn claim(&mut self, ips: &[IpAddr], parts: [&[u8]; 2]) {
+        // The key goes into the buffer first, to be compared in place, and comes out again if
+        // no address takes it.
+        let start = self.keys.len();
+        for part in parts {
+            self.keys.extend_from_slice(part);
+        }
+        let span = Span {
+            start,
+            end: self.keys.len(),
+        };
+        let mut taken = false;
+        for &ip in ips {
+            match self.by_ip.entry(ip) {
+                Slot::Occupied(mut owner) => {
+                    if self.keys.get(span.start..span.end) < self.keys.get(owner.get().start..owner.get().end) {
+                        owner.insert(span);
+                        taken = true;
+                    }
+                }
+                Slot::Vacant(slot) => {
+                    slot.insert(span);
+                    taken = true;
+                }
+            }
+        }
+        if !taken {
+            self.keys.truncate(start);
+        }
     }
 }
 
 /// The table under construction.
-struct Builder {
+struct Builder<'a> {
     svc_key: KeyBuf,
-    entries: HashMap<Box<[u8]>, Entry>,
+    entries: Names,
     ents: HashSet<Box<[u8]>>,
-    ptr: HashMap<IpAddr, Box<[u8]>>,
+    /// The labels of every namespace with a service in the table, which become empty
+    /// non-terminals at the end: collected as borrowed labels, so the thousands of services
+    /// of one namespace cost a lookup each rather than a key to build.
+    namespaces: HashSet<&'a [u8]>,
+    ptr: PtrTargets,
     report: BuildReport,
 }
 
-impl Builder {
-    /// The key of `<svc>.<ns>.svc.<zone>`, or `None` (reported) for unusable names.
-    fn service_key(&mut self, key: &ObjectKey) -> Option<KeyBuf> {
-        let built = service_key(key, &self.svc_key);
-        if built.is_none() {
+impl<'a> Builder<'a> {
+    /// The labels of `<svc>.<ns>` (the key of its name, less `svc.<zone>`), or `None`
+    /// (reported) for unusable names.
+    fn service_labels<'k>(&mut self, key: &'k ObjectKey) -> Option<&'k Arc<[u8]>> {
+        let labels = key
+            .labels()
+            .filter(|labels| labels.len() + self.svc_key.as_bytes().len() <= MAX_KEY_LEN);
+        if labels.is_none() {
             self.report.skipped.insert(key.to_string());
         }
-        built
+        labels
+    }
+
+    /// The whole key of the name `labels` + `svc.<zone>`.
+    fn full_key(&self, labels: &[u8]) -> Option<KeyBuf> {
+        let mut key = KeyBuf::default();
+        key.push_key(labels)?;
+        key.push_key(self.svc_key.as_bytes())?;
+        Some(key)
     }
 
     /// Every local service: ClusterIPs, ExternalName aliases, headless endpoints with their
     /// per-pod names, SRV and PTR.
-    fn local_cluster(&mut self, state: &ClusterState, cluster: &Arc<str>) {
+    fn local_cluster(&mut self, state: &'a ClusterState, cluster: &Arc<str>) {
         let origin = Origin::Local {
             cluster: Arc::clone(cluster),
         };
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for (key, slice) in &state.endpoint_slices {
-            slices.entry((&key.namespace, &slice.service)).or_default().push(slice);
+            slices.entry((key.namespace(), &slice.service)).or_default().push(slice);
         }
         for (key, svc) in &state.services {
-            let Some(name_key) = self.service_key(key) else {
+            let Some(labels) = self.service_labels(key) else {
                 continue;
             };
             match &svc.kind {
                 ServiceKind::ClusterIp(ips) => {
-                    for ip in ips {
-                        self.claim_ptr(*ip, name_key.as_bytes());
-                    }
-                    let data = addresses(ips.iter().copied());
-                    self.insert_service(&name_key, data, &origin, Some(Arc::clone(&svc.ports)));
+                    self.ptr.claim(ips, [labels, self.svc_key.as_bytes()]);
+                    let data = addresses(ips);
+                    self.insert_service(labels, data, &origin, Some(Arc::clone(&svc.ports)));
                 }
                 ServiceKind::ExternalName(target) => {
                     if let Some(target) = fqdn(target) {
-                        self.insert_service(&name_key, EntryData::Alias(target), &origin, None);
+                        self.insert_service(labels, EntryData::Alias(target), &origin, None);
                     }
                 }
                 ServiceKind::Headless => {
                     let slices = slices
-                        .get(&(key.namespace.as_str(), key.name.as_str()))
+                        .get(&(key.namespace(), key.name()))
                         .map_or(&[][..], Vec::as_slice);
-                    self.headless(&name_key, svc, slices, &origin);
+                    self.headless(labels, svc, slices, &origin);
                 }
             }
         }
@@ -398,7 +552,8 @@ impl Builder {
 
     /// A local headless service. Without an endpoint to publish it gets no entry at all, so a
     /// remote copy can answer (failover) or, without one, the name does not exist.
-    fn headless(&mut self, key: &KeyBuf, svc: &Service, slices: &[&EndpointSlice], origin: &Origin) {
+    fn headless(&mut self, labels: &'a Arc<[u8]>, svc: &Service, slices: &[&EndpointSlice], origin: &Origin) {
+        let Some(key) = self.full_key(labels) else { return };
         // Per-pod names: the hostname, or the address with dashes, under the service name.
         // Dual-stack services have one slice per family, whose pods share names.
         let mut pods: Vec<(KeyBuf, Vec<IpAddr>, &[ServicePort])> = Vec::new();
@@ -430,16 +585,13 @@ impl Builder {
             return;
         }
         for (pod_key, ips, _) in &pods {
-            let boxed = pod_key.to_boxed();
-            for ip in ips {
-                self.claim_ptr(*ip, &boxed);
-            }
+            self.ptr.claim(ips, [pod_key.as_bytes(), &[]]);
             let entry = Entry {
-                data: Arc::new(addresses(ips.iter().copied())),
+                data: Arc::new(addresses(ips)),
                 origin: origin.clone(),
                 ports: None,
             };
-            self.entries.insert(boxed, entry);
+            self.entries.insert(pod_key.as_bytes(), entry);
         }
         // One SRV target per published pod, on the endpoint's port of the same name.
         let targets = |port: &ServicePort| {
@@ -455,8 +607,8 @@ impl Builder {
                 .collect();
             EntryData::SrvPods(targets)
         };
-        self.srv(key, &svc.ports, targets, origin);
-        self.insert_service(key, addresses(all.into_iter()), origin, None);
+        self.srv(&key, &svc.ports, targets, origin);
+        self.insert_service(labels, addresses(&all), origin, None);
     }
 
     /// `_<port>._<proto>.<svc>` for every named port, and `_<proto>.<svc>` as an empty
@@ -496,69 +648,74 @@ impl Builder {
                 origin: origin.clone(),
                 ports: None,
             };
-            self.entries.insert(srv_key.to_boxed(), entry);
+            self.entries.insert(srv_key.as_bytes(), entry);
         }
     }
 
     /// A service's own name, and its namespace as an empty non-terminal.
-    fn insert_service(&mut self, key: &KeyBuf, data: EntryData, origin: &Origin, ports: Option<Arc<[ServicePort]>>) {
-        self.entries.insert(
-            key.to_boxed(),
+    fn insert_service(
+        &mut self,
+        labels: &'a Arc<[u8]>,
+        data: EntryData,
+        origin: &Origin,
+        ports: Option<Arc<[ServicePort]>>,
+    ) {
+        self.entries.insert_below(
+            Arc::clone(labels),
             Entry {
                 data: Arc::new(data),
                 origin: origin.clone(),
                 ports,
             },
         );
-        self.namespace_exists(key);
-    }
-
-    /// The reverse name of `ip` points to `key`. An address claimed twice (two Services with
-    /// one ClusterIP, a stale endpoint whose IP a new pod reuses) goes to the smallest name, so
-    /// the answer does not depend on the order the cluster state's maps iterate in, which
-    /// differs between rebuilds and between pods.
-    fn claim_ptr(&mut self, ip: IpAddr, key: &[u8]) {
-        match self.ptr.get_mut(&ip) {
-            Some(owner) if **owner <= *key => {}
-            Some(owner) => *owner = key.into(),
-            None => {
-                self.ptr.insert(ip, key.into());
-            }
-        }
+        self.namespace_exists(labels);
     }
 
     /// A service's namespace exists as an empty non-terminal (RFC 8020).
-    fn namespace_exists(&mut self, key: &KeyBuf) {
-        if let Some(namespace) = ancestors(key.as_bytes()).next()
-            && !self.ents.contains(namespace)
-        {
-            self.ents.insert(namespace.into());
+    fn namespace_exists(&mut self, labels: &'a [u8]) {
+        if let Some(namespace) = ancestors(labels).next() {
+            self.namespaces.insert(namespace);
         }
     }
 
     /// Remote-only services: which clusters hold each one (in cluster order), then one answer
     /// per distinct set of holders, shared by every service it covers.
-    fn remote_clusters(&mut self, clusters: &[ClusterInput<'_>], names: &[Arc<str>]) {
+    fn remote_clusters(&mut self, clusters: &[ClusterInput<'a>], names: &[Arc<str>]) {
         let capacity = clusters.iter().map(|c| c.state.services.len()).max().unwrap_or(0);
-        let mut remote: HashMap<Box<[u8]>, (Vec<u16>, &Service)> = HashMap::with_capacity(capacity);
+        // Sets of holders are interned, so a service carries a set's index rather than a list
+        // of its own: `sets[0]` is empty, and `grown` maps (set, cluster) to the set that adds
+        // the cluster. Clusters come in order, so a set is the same list however it was reached.
+        let mut sets: Vec<Vec<u16>> = vec![Vec::new()];
+        let mut grown: HashMap<(usize, u16), usize> = HashMap::new();
+        let mut remote: HashMap<&'a [u8], RemoteService> = HashMap::with_capacity(capacity);
         for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| !c.local) {
             let Ok(index) = u16::try_from(i) else { break };
-            for (key, svc) in &cluster.state.services {
+            let state: &'a ClusterState = cluster.state;
+            for (key, svc) in &state.services {
                 // An ExternalName alias is resolved by each cluster's DNS; the gateway does not
                 // route to it, so a remote one makes nothing reachable.
                 if matches!(svc.kind, ServiceKind::ExternalName(_)) {
                     continue;
                 }
-                let Some(name) = self.service_key(key) else { continue };
-                if self.entries.contains_key(name.as_bytes()) {
+                let Some(labels) = self.service_labels(key) else {
+                    continue;
+                };
+                if self.entries.contains_below(labels) {
                     continue;
                 }
-                match remote.get_mut(name.as_bytes()) {
-                    Some((holders, _)) => holders.push(index),
-                    None => {
-                        remote.insert(name.to_boxed(), (vec![index], svc));
-                    }
-                }
+                // The first holder's ports answer SRV. Both are taken now, while the service is
+                // in cache, not when the entry is made.
+                let service = remote.entry(labels).or_insert_with(|| RemoteService {
+                    holders: 0,
+                    labels: Arc::clone(labels),
+                    ports: Arc::clone(&svc.ports),
+                });
+                service.holders = *grown.entry((service.holders, index)).or_insert_with(|| {
+                    let mut set = sets.get(service.holders).cloned().unwrap_or_default();
+                    set.push(index);
+                    sets.push(set);
+                    sets.len() - 1
+                });
             }
         }
         let gateways: Vec<Vec<Ingress>> = clusters
@@ -568,23 +725,28 @@ impl Builder {
                 None => c.state.gateway_addresses(),
             })
             .collect();
-        let mut answers: HashMap<Vec<u16>, Option<Entry>> = HashMap::new();
-        for (name, (holders, svc)) in remote {
-            let entry = answers
-                .entry(holders)
-                .or_insert_with_key(|holders| remote_entry(holders, &gateways, names, &mut self.report));
-            let Some(mut entry) = entry.clone() else { continue };
-            let mut key = KeyBuf::default();
-            if key.push_key(&name).is_none() {
+        let mut answers: Vec<Option<Option<Entry>>> = vec![None; sets.len()];
+        for (key, service) in remote {
+            let (Some(answer), Some(set)) = (answers.get_mut(service.holders), sets.get(service.holders)) else {
                 continue;
-            }
+            };
+            let entry = answer.get_or_insert_with(|| remote_entry(set, &gateways, names, &mut self.report));
+            let Some(mut entry) = entry.clone() else { continue };
             if matches!(&*entry.data, EntryData::Addresses { .. }) {
-                entry.ports = Some(Arc::clone(&svc.ports));
+                entry.ports = Some(service.ports);
             }
-            self.entries.insert(name, entry);
-            self.namespace_exists(&key);
+            self.entries.insert_below(service.labels, entry);
+            self.namespace_exists(key);
         }
     }
+}
+
+/// A service only remote clusters hold, while the builder collects them.
+struct RemoteService {
+    /// Index of the set of clusters holding it.
+    holders: usize,
+    labels: Arc<[u8]>,
+    ports: Arc<[ServicePort]>,
 }
 
 /// The first label of a key and the key of its parent.
@@ -637,7 +799,7 @@ fn remote_entry(
     // A name cannot hold both a CNAME and addresses: addresses win, and among host names the
     // first in sort order, so every pod answers the same.
     let data = if !ips.is_empty() {
-        addresses(ips.into_iter())
+        addresses(&ips)
     } else {
         hosts.sort_unstable();
         EntryData::Alias(hosts.first().and_then(|h| fqdn(h))?)
@@ -651,10 +813,13 @@ fn remote_entry(
     })
 }
 
-fn addresses(ips: impl Iterator<Item = IpAddr>) -> EntryData {
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
-    for ip in ips {
+fn addresses(ips: &[IpAddr]) -> EntryData {
+    // Sized exactly: most services have one address, and growing from empty would allocate
+    // room for four and go through the slower growth path.
+    let v4_count = ips.iter().filter(|ip| ip.is_ipv4()).count();
+    let mut v4 = Vec::with_capacity(v4_count);
+    let mut v6 = Vec::with_capacity(ips.len() - v4_count);
+    for &ip in ips {
         match ip {
             IpAddr::V4(a) if !v4.contains(&a) => v4.push(a),
             IpAddr::V6(a) if !v6.contains(&a) => v6.push(a),
@@ -669,16 +834,6 @@ pub fn fqdn(s: &str) -> Option<Name> {
     let mut name = Name::from_ascii(s.trim_end_matches('.')).ok()?.to_lowercase();
     name.set_fqdn(true);
     Some(name)
-}
-
-/// The key of `<name>.<namespace>.svc.<zone>`; `None` unless both are DNS labels.
-fn service_key(key: &ObjectKey, svc_key: &KeyBuf) -> Option<KeyBuf> {
-    if !is_dns_label(&key.name) || !is_dns_label(&key.namespace) {
-        return None;
-    }
-    let mut buf = KeyBuf::from_labels([key.name.as_bytes(), key.namespace.as_bytes()])?;
-    buf.push_key(svc_key.as_bytes())?;
-    Some(buf)
 }
 
 /// A record in wire format, names uncompressed (it is copied into messages at any offset).
@@ -896,5 +1051,60 @@ mod tests {
         assert!(table.get(&fqdn("only.ns.svc.cluster.local").unwrap()).is_none());
         assert!(!table.all_loaded());
         assert_eq!(report.clusters_without_gateway.len(), 1);
+    }
+
+    #[test]
+    fn a_shared_address_points_to_the_smallest_name() {
+        let mut local = ClusterState::default();
+        for (name, ips) in [
+            ("b", &["10.0.0.1", "10.0.0.2"][..]),
+            ("a", &["10.0.0.1"]),
+            ("c", &["10.0.0.1", "10.0.0.3"]),
+        ] {
+            local.services.insert(ObjectKey::new("ns", name), svc(ips));
+        }
+        let inputs = [ClusterInput {
+            name: "c1",
+            local: true,
+            state: &local,
+            loaded: true,
+            gateway_override: None,
+        }];
+        let (table, _) = Table::build(&settings(), &inputs, 1);
+        let ptr = |ip: &str| table.ptr(&ip.parse().unwrap()).and_then(to_name).map(|n| n.to_string());
+        assert_eq!(ptr("10.0.0.1").as_deref(), Some("a.ns.svc.cluster.local."));
+        assert_eq!(ptr("10.0.0.2").as_deref(), Some("b.ns.svc.cluster.local."));
+        assert_eq!(ptr("10.0.0.3").as_deref(), Some("c.ns.svc.cluster.local."));
+        assert_eq!(ptr("10.0.0.4"), None);
+    }
+
+    #[test]
+    fn names_too_long_for_the_zone_are_skipped_and_reported() {
+        // Four 58-byte labels: the zone fits, `web.ns` under it fits, a 63-byte name does not.
+        let label = "z".repeat(58);
+        let settings = TableSettings {
+            cluster_domain: [label.as_str(); 4].join("."),
+            ..settings()
+        };
+        let long = "l".repeat(63);
+        let mut local = ClusterState::default();
+        local.services.insert(ObjectKey::new("ns", "web"), svc(&["10.0.0.1"]));
+        local.services.insert(ObjectKey::new("ns", &long), svc(&["10.0.0.2"]));
+        let inputs = [ClusterInput {
+            name: "c1",
+            local: true,
+            state: &local,
+            loaded: true,
+            gateway_override: None,
+        }];
+        let (table, report) = Table::build(&settings, &inputs, 1);
+        assert_eq!(report.skipped, BTreeSet::from([format!("ns/{long}")]));
+        let web = Name::from_ascii("web.ns.svc")
+            .unwrap()
+            .append_domain(table.cluster_domain())
+            .unwrap();
+        assert!(table.get(&web).is_some());
+        assert!(table.ptr(&"10.0.0.2".parse().unwrap()).is_none());
+        assert_eq!(table.iter().filter(|(name, _)| name.as_ref() == Some(&web)).count(), 1);
     }
 }

@@ -885,7 +885,7 @@ impl<'a> Builder<'a> {
     fn finish(mut self) -> ClusterState {
         let services = &self.state.services;
         self.state.endpoint_slices.retain(|key, slice| {
-            let owner = ObjectKey::new(&key.namespace, &slice.service);
+            let owner = ObjectKey::new(key.namespace(), &slice.service);
             matches!(
                 services.get(&owner),
                 Some(Service {
