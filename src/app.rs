@@ -19,6 +19,7 @@ use crate::config::{ClusterConfig, ClusterSource as SourceConfig, Config};
 use crate::handler::DnsHandler;
 use crate::hub::{ClusterMeta, Hub};
 use crate::metrics::Metrics;
+use crate::relay::Relay;
 use crate::resolv::{ResolvConf, ResolvConfError};
 use crate::server::{DnsServer, ServerError, ServerSettings};
 use crate::source::kubeconfig::{
@@ -236,6 +237,11 @@ impl App {
             .with_cache(Arc::clone(&cache));
         let settings = ServerSettings {
             fast_path: Some(sources.hub.table()),
+            relay: Some(Arc::new(Relay::new(
+                Arc::clone(&forwarder),
+                Arc::clone(&cache),
+                Arc::clone(&metrics),
+            ))),
             max_udp_in_flight: config.limits.udp_in_flight,
             max_tcp_connections: config.limits.tcp_connections,
             max_tcp_pipeline: config.limits.tcp_pipeline,

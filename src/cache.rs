@@ -46,6 +46,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use crate::metrics::Metrics;
 use crate::name_key::{KeyBuf, MAX_KEY_LEN};
+use crate::wire;
 
 /// Enough for the working set of one pod's outside names many times over; at a few hundred
 /// bytes per typical entry the full cache stays a few MiB.
@@ -71,6 +72,8 @@ pub const MAX_CACHE_BYTES: usize = 8 << 20;
 const ENTRY_OVERHEAD: usize = 128;
 /// Type, class and flag bytes after the name in a key.
 const KEY_SUFFIX_LEN: usize = 5;
+/// Type and class after a question's name.
+const QUESTION_FIXED: usize = 4;
 
 /// How the cache behaves; `cache:` in the config file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,8 +150,11 @@ impl std::fmt::Debug for CacheKey {
 impl CacheKey {
     /// The key of a question; `None` for a name longer than DNS allows.
     pub fn new(name: &Name, qtype: RecordType, qclass: DNSClass, flags: QueryFlags) -> Option<Self> {
-        let name = KeyBuf::from_name(name)?;
-        let name = name.as_bytes();
+        Self::from_key(KeyBuf::from_name(name)?.as_bytes(), qtype, qclass, flags)
+    }
+
+    /// The key of a question whose name is already a table key (lowercase wire form).
+    pub fn from_key(name: &[u8], qtype: RecordType, qclass: DNSClass, flags: QueryFlags) -> Option<Self> {
         let mut buf = [0; MAX_KEY_LEN + KEY_SUFFIX_LEN];
         // The suffix has a fixed length, so no two (name, suffix) pairs share a key.
         let mut suffix = [0; KEY_SUFFIX_LEN];
@@ -180,6 +186,21 @@ impl CacheKey {
     }
 }
 
+/// What [`ResponseCache::write_hit`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hit {
+    /// This many bytes were written.
+    Written(usize),
+    /// A live entry that does not fit the buffer: whoever answers from the cache must truncate.
+    TooLarge,
+    Miss,
+}
+
+/// What an entry counts against [`MAX_CACHE_BYTES`].
+fn cost(key: &[u8], wire: &[u8], ttls: &[u16]) -> usize {
+    key.len() + wire.len() + std::mem::size_of_val(ttls) + ENTRY_OVERHEAD
+}
+
 /// Why a reply was or was not stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stored {
@@ -194,6 +215,8 @@ pub enum Stored {
 struct Entry {
     /// The reply without its OPT record, TTLs capped.
     wire: Box<[u8]>,
+    /// Where each record's TTL sits in `wire`, for [`ResponseCache::write_hit`].
+    ttls: Box<[u16]>,
     stored: Instant,
     /// Gone once this much time has passed since `stored`.
     lifetime: Duration,
@@ -207,7 +230,7 @@ impl Entry {
     }
 
     fn cost(&self, key: &[u8]) -> usize {
-        key.len() + self.wire.len() + ENTRY_OVERHEAD
+        cost(key, &self.wire, &self.ttls)
     }
 }
 
@@ -267,13 +290,7 @@ impl ResponseCache {
             self.remove(key);
             return None;
         };
-        let tick = self.tick();
-        if let Some(entry) = self.entries.get_mut(key)
-            && let Some(owned) = self.order.remove(&entry.tick)
-        {
-            entry.tick = tick;
-            self.order.insert(tick, owned);
-        }
+        self.touch(key);
         let spent = u32::try_from(elapsed).unwrap_or(u32::MAX);
         for record in records_mut(&mut reply) {
             // Never below 1: every record's TTL is at least the entry's lifetime, which has not
@@ -292,11 +309,11 @@ impl ResponseCache {
         if !self.settings.enabled() {
             return Stored::Disabled;
         }
-        let Some((wire, lifetime)) = prepare(reply, &self.settings) else {
+        let Some(Prepared { wire, ttls, lifetime }) = prepare(reply, &self.settings) else {
             return Stored::Uncacheable;
         };
         let key = key.as_bytes();
-        let cost = key.len() + wire.len() + ENTRY_OVERHEAD;
+        let cost = cost(key, &wire, &ttls);
         if cost > MAX_CACHE_BYTES {
             return Stored::Uncacheable;
         }
@@ -322,12 +339,53 @@ impl ResponseCache {
         self.bytes += cost;
         let entry = Entry {
             wire,
+            ttls,
             stored: now,
             lifetime,
             tick,
         };
         self.entries.insert(owned, entry);
         Stored::Yes { evicted }
+    }
+
+    /// Writes the reply stored under `key` as it stands at `now` (TTLs lowered by the time it
+    /// spent here, as [`ResponseCache::lookup`] lowers them) into `out`, when it fits; the ID
+    /// and the question are the first asker's, for the caller to replace.
+    pub fn write_hit(&mut self, key: &CacheKey, now: Instant, out: &mut [u8]) -> Hit {
+        let key = key.as_bytes();
+        let Some(entry) = self.entries.get_mut(key) else {
+            return Hit::Miss;
+        };
+        if entry.expired(now) {
+            self.remove(key);
+            return Hit::Miss;
+        }
+        let Some(out) = out.get_mut(..entry.wire.len()) else {
+            return Hit::TooLarge;
+        };
+        out.copy_from_slice(&entry.wire);
+        let spent = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
+        for &at in &entry.ttls {
+            let at = usize::from(at);
+            if let Some(field) = out.get_mut(at..at + 4) {
+                let ttl = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+                field.copy_from_slice(&ttl.saturating_sub(spent).to_be_bytes());
+            }
+        }
+        let len = entry.wire.len();
+        self.touch(key);
+        Hit::Written(len)
+    }
+
+    /// Makes `key` the most recently used entry.
+    fn touch(&mut self, key: &[u8]) {
+        let tick = self.tick();
+        if let Some(entry) = self.entries.get_mut(key)
+            && let Some(owned) = self.order.remove(&entry.tick)
+        {
+            entry.tick = tick;
+            self.order.insert(tick, owned);
+        }
     }
 
     fn remove(&mut self, key: &[u8]) {
@@ -354,7 +412,7 @@ fn records_mut(reply: &mut Message) -> impl Iterator<Item = &mut Record> {
 
 /// The wire form to store and how long it may be served, or `None` when the reply must not be
 /// cached.
-fn prepare(reply: &Message, settings: &CacheSettings) -> Option<(Box<[u8]>, Duration)> {
+fn prepare(reply: &Message, settings: &CacheSettings) -> Option<Prepared> {
     if reply.metadata.truncation {
         return None;
     }
@@ -385,9 +443,9 @@ fn prepare(reply: &Message, settings: &CacheSettings) -> Option<(Box<[u8]>, Dura
     }
 }
 
-/// Caps every TTL at `cap` and encodes the reply without OPT; the lifetime is `base` or the
-/// smallest capped TTL, whichever is less.
-fn store(reply: &Message, base: Duration, cap: u32) -> Option<(Box<[u8]>, Duration)> {
+/// Caps every TTL at `cap` and encodes the reply without OPT, noting where each TTL sits; the
+/// lifetime is `base` or the smallest capped TTL, whichever is less.
+fn store(reply: &Message, base: Duration, cap: u32) -> Option<Prepared> {
     let mut kept = reply.clone();
     kept.edns = None;
     kept.signature = None;
@@ -401,7 +459,25 @@ fn store(reply: &Message, base: Duration, cap: u32) -> Option<(Box<[u8]>, Durati
         return None;
     }
     let wire = kept.to_vec().ok()?;
-    Some((wire.into_boxed_slice(), lifetime))
+    // One question (checked when the reply was accepted), written first and uncompressed.
+    let question_len = wire::skip_name(&wire, wire::HEADER_LEN)? + QUESTION_FIXED - wire::HEADER_LEN;
+    let mut ttls = Vec::with_capacity(kept.answers.len() + kept.authorities.len() + kept.additionals.len());
+    wire::walk(&wire, question_len, |record| {
+        ttls.push(u16::try_from(record.ttl).ok()?);
+        Some(())
+    })?;
+    Some(Prepared {
+        wire: wire.into_boxed_slice(),
+        ttls: ttls.into_boxed_slice(),
+        lifetime,
+    })
+}
+
+/// A reply made ready for an [`Entry`].
+struct Prepared {
+    wire: Box<[u8]>,
+    ttls: Box<[u16]>,
+    lifetime: Duration,
 }
 
 fn whole_seconds(d: Duration) -> u32 {
@@ -452,6 +528,26 @@ impl Cache {
 
     pub fn enabled(&self) -> bool {
         self.lock().settings().enabled()
+    }
+
+    /// [`ResponseCache::write_hit`], counted as a hit or a miss; an entry too large for `out`
+    /// is left to a [`Cache::get`], which counts it.
+    pub fn write_hit(&self, key: &CacheKey, now: Instant, out: &mut [u8]) -> Hit {
+        let mut cache = self.lock();
+        if !cache.settings().enabled() {
+            return Hit::Miss;
+        }
+        let hit = cache.write_hit(key, now, out);
+        let entries = cache.len();
+        drop(cache);
+        if let Some(metrics) = &self.metrics {
+            match hit {
+                Hit::Written(_) => metrics.cache_lookup(true, entries),
+                Hit::Miss => metrics.cache_lookup(false, entries),
+                Hit::TooLarge => {}
+            }
+        }
+        hit
     }
 
     /// The cached reply for `key` at `now`, counted as a hit or a miss.

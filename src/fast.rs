@@ -72,15 +72,15 @@ pub struct FastAnswer {
 }
 
 /// The parts of a query the fast path needs.
-struct Parsed<'q> {
+pub(crate) struct Parsed<'q> {
     /// Header bytes 0..4: ID and flags.
-    head: [u8; 4],
+    pub head: [u8; 4],
     /// The question as sent: name, type and class.
-    question: &'q [u8],
-    key: KeyBuf,
-    qtype: u16,
+    pub question: &'q [u8],
+    pub key: KeyBuf,
+    pub qtype: u16,
     /// The client's EDNS payload size and DO bit, if it sent an OPT record.
-    edns: Option<(u16, bool)>,
+    pub edns: Option<(u16, bool)>,
 }
 
 /// Answers `query` from `table` into `out`, or declines (`None`) and leaves the query to the
@@ -339,7 +339,7 @@ impl Writer<'_> {
 
 /// Reads a plain query: one question, no answer or authority records, at most an OPT record
 /// (version 0) as additional, nothing after it. Anything else is the full path's.
-fn parse(query: &[u8]) -> Option<Parsed<'_>> {
+pub(crate) fn parse(query: &[u8]) -> Option<Parsed<'_>> {
     let header = query.get(..HEADER_LEN)?;
     let count = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);
     let flags_hi = header[2];

@@ -57,6 +57,7 @@ pub const TARGETS: &[Target] = &[
     ("kubeconfig", kubeconfig),
     ("resolv_conf", resolv_conf),
     ("watch_events", watch_events),
+    ("relay_reply", relay_reply),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -971,5 +972,101 @@ impl Unstructured<'_> {
             metadata,
             ports,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// relay_reply
+
+/// The table the relay decides against: the cluster domain only, so every other name is
+/// forwarded.
+fn relay_table() -> &'static Table {
+    static TABLE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        Table::empty(&TableSettings {
+            cluster_domain: "cluster.local".into(),
+            ttl: 30,
+            negative_ttl: 5,
+            search: vec!["default.svc.cluster.local".into()],
+        })
+    })
+}
+
+/// `data` is a query (its length in the first two bytes) and an upstream's reply to it. When
+/// the relay takes the query and the forwarder's checks accept the reply, the relay's reply to
+/// the client, if it makes one, carries the client's ID and question bytes, fits its buffer,
+/// keeps the upstream's rcode and records and has an OPT record exactly when the query did.
+/// Stored in the cache, the reply answered from the cached bytes says what the full path's
+/// cache hit says.
+pub fn relay_reply(data: &[u8]) {
+    use crate::cache::{Cache, CacheSettings};
+    use crate::relay::{self, Relay, Step};
+    use crate::upstream::{Forwarder, UpstreamConfig, check_reply, parse_query};
+
+    let [l0, l1, rest @ ..] = data else { return };
+    let Some((query, upstream)) = rest.split_at_checked(usize::from(u16::from_be_bytes([*l0, *l1]))) else {
+        return;
+    };
+    let table = relay_table();
+    let Some(plan) = relay::plan(table, query, false) else {
+        return;
+    };
+    let (Ok((client_id, expected)), [i0, i1, ..]) = (parse_query(query), upstream) else {
+        return;
+    };
+    let Ok(accepted) = check_reply(upstream, u16::from_be_bytes([*i0, *i1]), &expected) else {
+        return;
+    };
+    let client = Message::from_vec(query).ok();
+    let client_edns = client.as_ref().and_then(|m| m.edns.clone());
+    let limit = usize::from(udp_limit(client_edns.as_ref()));
+    let Some(question) = crate::wire::skip_name(query, crate::wire::HEADER_LEN).and_then(|end| query.get(12..end + 4))
+    else {
+        return;
+    };
+
+    if let Some(bytes) = relay::client_reply(query, &plan, &accepted, upstream.to_vec()) {
+        let reply = Message::from_vec(&bytes).expect("the relayed reply decodes");
+        assert_eq!(reply.metadata.id, client_id);
+        assert!(bytes.len() <= limit, "{} bytes for a {limit}-byte buffer", bytes.len());
+        assert_eq!(
+            bytes.get(12..12 + question.len()),
+            Some(question),
+            "the question as sent"
+        );
+        assert_eq!(reply.metadata.response_code, accepted.metadata.response_code);
+        assert_eq!(reply.answers, accepted.answers);
+        assert_eq!(reply.authorities, accepted.authorities);
+        assert_eq!(reply.additionals, accepted.additionals);
+        assert_eq!(reply.edns.is_some(), client_edns.is_some());
+        if let (Some(sent), Some(got)) = (&client_edns, &reply.edns) {
+            assert_eq!(got.max_payload(), sent.max_payload().max(512));
+        }
+    }
+
+    // The same reply through the cache: the relay's hit against the full path's.
+    let Some(key) = relay::plan(table, query, true).and_then(|plan| plan.cache_key().cloned()) else {
+        return;
+    };
+    let cache = Arc::new(Cache::new(CacheSettings::default()));
+    let forwarder = Arc::new(Forwarder::from_parts(UpstreamConfig::new(Vec::new())));
+    let relay = Relay::new(forwarder, Arc::clone(&cache), Arc::new(Metrics::new()));
+    let now = std::time::Instant::now();
+    cache.put(&key, &accepted, now);
+    let Some(full) = cache.get(&key, expected.name(), now) else {
+        return;
+    };
+    let mut out = [0u8; 4096];
+    if let Step::Answered { len, .. } = relay.step(table, query, &mut out) {
+        let bytes = &out[..len];
+        let reply = Message::from_vec(bytes).expect("the cached reply decodes");
+        assert_eq!(reply.metadata.id, client_id);
+        assert!(len <= limit);
+        assert_eq!(bytes.get(12..12 + question.len()), Some(question));
+        assert_eq!(reply.metadata.response_code, full.metadata.response_code);
+        assert_eq!(reply.answers, full.answers);
+        assert_eq!(reply.authorities, full.authorities);
+        assert_eq!(reply.additionals, full.additionals);
+        assert_eq!(reply.edns.is_some(), client_edns.is_some());
     }
 }

@@ -47,6 +47,7 @@ use crate::fast;
 use crate::handler::MIN_UDP_PAYLOAD;
 use crate::hub::SharedTable;
 use crate::metrics::{DropReason, MalformedReason, Metrics, Outcome};
+use crate::relay::{Plan, Relay, Relayed, Step};
 use crate::upstream::Transport;
 
 /// How many times a port-0 bind retries when the UDP port it got is taken for TCP.
@@ -101,6 +102,9 @@ pub struct ServerSettings {
     /// The table the UDP fast path answers from ([`crate::fast`]); `None` sends every query
     /// the full way through the handler.
     pub fast_path: Option<SharedTable>,
+    /// Forwards plain UDP queries for names the fast path's table does not own without the
+    /// handler ([`crate::relay`]); `None`, or no `fast_path`, sends them through the handler.
+    pub relay: Option<Arc<Relay>>,
     /// Most UDP queries being worked on at once (forwarded ones wait on upstreams); beyond it
     /// a query is answered SERVFAIL at once instead of holding memory.
     pub max_udp_in_flight: usize,
@@ -118,6 +122,7 @@ impl ServerSettings {
             tcp_idle_timeout,
             metrics,
             fast_path: None,
+            relay: None,
             max_udp_in_flight: DEFAULT_MAX_UDP_IN_FLIGHT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
             max_tcp_pipeline: DEFAULT_MAX_TCP_PIPELINE,
@@ -362,6 +367,21 @@ fn read_ready<H: RequestHandler>(
                     metrics.request(Transport::Udp, answer.qtype, Outcome::from(answer.rule), started);
                     continue;
                 }
+                if let Some(relay) = &shared.settings.relay {
+                    match relay.step(table, query, out) {
+                        Step::Answered { len, qtype } => {
+                            batch.destinations.push((len, src));
+                            debug!(client = %src, name = %fast::QuestionName(query), %qtype, outcome = Outcome::CacheHit.as_str(), elapsed_us = started.elapsed().as_micros() as u64, path = "fast", "query");
+                            metrics.request(Transport::Udp, qtype, Outcome::CacheHit, started);
+                            continue;
+                        }
+                        Step::Forward(plan) if tasks.len() < shared.settings.max_udp_in_flight => {
+                            relay_datagram(query, plan, src, socket, shared, relay, tasks);
+                            continue;
+                        }
+                        Step::Forward(_) | Step::FullPath => {}
+                    }
+                }
             }
             udp_datagram(query, src, socket, shared, tasks);
         }
@@ -497,6 +517,44 @@ fn udp_datagram<H: RequestHandler>(
         }
         Incoming::Dropped => {}
     }
+}
+
+/// Forwards a query the relay took in a task of its own (counted against the in-flight cap);
+/// a reply the relay cannot pass on as it is sends the query the full way.
+fn relay_datagram<H: RequestHandler>(
+    query: &[u8],
+    plan: Plan,
+    src: SocketAddr,
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<Shared<H>>,
+    relay: &Arc<Relay>,
+    tasks: &mut JoinSet<()>,
+) {
+    let query = query.to_vec();
+    let socket = Arc::clone(socket);
+    let shared = Arc::clone(shared);
+    let relay = Arc::clone(relay);
+    tasks.spawn(async move {
+        match relay.relay(&query, &plan, src).await {
+            Relayed::Reply(reply) => {
+                if let Err(error) = socket.send_to(&reply, src).await {
+                    debug!(client = %src, %error, "cannot send an answer");
+                }
+            }
+            Relayed::Declined => match incoming(&query, src, Transport::Udp, &shared.settings.metrics) {
+                Incoming::Query(request) => {
+                    let responder = UdpResponder { socket, dst: src };
+                    shared.handler.handle_request::<_, TokioTime>(&request, responder).await;
+                }
+                Incoming::Reply(reply) => {
+                    if let Err(error) = socket.send_to(&reply, src).await {
+                        debug!(client = %src, %error, "cannot send error response");
+                    }
+                }
+                Incoming::Dropped => {}
+            },
+        }
+    });
 }
 
 /// The answer to a UDP query that arrives while [`ServerSettings::max_udp_in_flight`] queries

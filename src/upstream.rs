@@ -14,21 +14,17 @@
 //! a client that hears SERVFAIL can move on, a client that hears nothing
 //! waits the full 5 s before its next server or attempt.
 
-use std::{
-    fmt, io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{fmt, io, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage, connect, recv, socket};
 
 use hickory_proto::{
     op::{Header, Message, MessageType, Query, ResponseCode},
     serialize::binary::{BinDecodable, BinDecoder},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{TcpStream, UdpSocket},
     time::Instant,
 };
@@ -157,6 +153,15 @@ pub trait Forward: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<Message, ForwardError>> + Send;
 }
 
+/// A reply as it came from the upstream, checked: decoded (with the client's ID) and as the
+/// bytes received (still carrying the upstream exchange's ID), so that a caller that relays it
+/// unchanged need not encode it again.
+#[derive(Debug)]
+pub struct Relayed {
+    pub message: Message,
+    pub wire: Vec<u8>,
+}
+
 /// The upstream list in force and the counters of each upstream, same order.
 #[derive(Debug)]
 struct Upstreams {
@@ -214,8 +219,8 @@ impl Forwarder {
     }
 
     /// Walks the upstream list until one gives a usable answer or the
-    /// deadline leaves no time. Bounded by `deadline` on its own; the caller's
-    /// outer timeout is only a backstop.
+    /// deadline leaves no time. Bounded by `deadline` on its own: each attempt's
+    /// timeout is capped by the time left.
     async fn forward_all(
         &self,
         upstreams: &Upstreams,
@@ -224,10 +229,10 @@ impl Forwarder {
         client_id: u16,
         transport: Transport,
         deadline: Instant,
-    ) -> Result<Message, ForwardError> {
+    ) -> Result<Relayed, ForwardError> {
         // The outcome of the most recent attempt: a SERVFAIL/REFUSED reply is
         // worth relaying only if nothing after it was tried.
-        let mut last: Option<Result<Message, ForwardError>> = None;
+        let mut last: Option<Result<Relayed, ForwardError>> = None;
         for (i, &upstream) in upstreams.config.servers.iter().enumerate() {
             if Instant::now() >= deadline {
                 break;
@@ -240,8 +245,8 @@ impl Forwarder {
             };
             match target.ask(query, expected, transport, deadline).await {
                 Ok(mut reply) => {
-                    reply.metadata.id = client_id;
-                    let rcode = reply.metadata.response_code;
+                    reply.message.metadata.id = client_id;
+                    let rcode = reply.message.metadata.response_code;
                     if rcode == ResponseCode::ServFail || rcode == ResponseCode::Refused {
                         debug!(%upstream, %rcode, "upstream declined, trying the next one");
                         if let Some(stats) = stats {
@@ -277,10 +282,10 @@ impl Target<'_> {
         expected: &Query,
         transport: Transport,
         deadline: Instant,
-    ) -> Result<Message, ForwardError> {
+    ) -> Result<Relayed, ForwardError> {
         if transport == Transport::Udp {
             let reply = self.attempt(query, expected, Transport::Udp, deadline).await?;
-            if !reply.metadata.truncation {
+            if !reply.message.metadata.truncation {
                 return Ok(reply);
             }
             debug!(upstream = %self.upstream, "truncated UDP reply, retrying over TCP");
@@ -295,7 +300,7 @@ impl Target<'_> {
         expected: &Query,
         transport: Transport,
         deadline: Instant,
-    ) -> Result<Message, ForwardError> {
+    ) -> Result<Relayed, ForwardError> {
         let started = Instant::now();
         if let Some(stats) = self.stats {
             stats.attempt(transport);
@@ -318,7 +323,7 @@ impl Target<'_> {
         expected: &Query,
         transport: Transport,
         deadline: Instant,
-    ) -> Result<Message, ForwardError> {
+    ) -> Result<Relayed, ForwardError> {
         let upstream = self.upstream;
         let budget = self
             .config
@@ -367,6 +372,13 @@ impl Target<'_> {
 
 impl Forward for Forwarder {
     async fn forward(&self, query: &[u8], transport: Transport) -> Result<Message, ForwardError> {
+        self.forward_wire(query, transport).await.map(|reply| reply.message)
+    }
+}
+
+impl Forwarder {
+    /// Like [`Forward::forward`], also returning the reply's bytes as received.
+    pub async fn forward_wire(&self, query: &[u8], transport: Transport) -> Result<Relayed, ForwardError> {
         let (client_id, expected) = parse_query(query)?;
         let upstreams = self.upstreams.load_full();
         if upstreams.config.servers.is_empty() {
@@ -378,17 +390,16 @@ impl Forward for Forwarder {
         let deadline = start
             .checked_add(upstreams.config.deadline)
             .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600));
-        let all = self.forward_all(&upstreams, query, &expected, client_id, transport, deadline);
-        match tokio::time::timeout_at(deadline, all).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(ForwardError::Deadline),
-        }
+        // Every attempt's own timeout ends by `deadline`, so no outer timer is needed: one timer
+        // less per query on the forwarding path.
+        self.forward_all(&upstreams, query, &expected, client_id, transport, deadline)
+            .await
     }
 }
 
 /// Reads just enough of the client's query to verify replies against it;
 /// the rest is the upstream's business and is relayed untouched.
-fn parse_query(query: &[u8]) -> Result<(u16, Query), ForwardError> {
+pub(crate) fn parse_query(query: &[u8]) -> Result<(u16, Query), ForwardError> {
     if query.len() > MAX_MESSAGE_LEN {
         return Err(ForwardError::BadQuery(format!(
             "{} bytes is larger than any DNS message",
@@ -424,6 +435,32 @@ fn with_fresh_id(query: &[u8]) -> (u16, Vec<u8>) {
     (id, packet)
 }
 
+thread_local! {
+    /// Room for the largest datagram, one per runtime thread.
+    static RECEIVE_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_MESSAGE_LEN]);
+}
+
+/// A new UDP socket connected to `upstream`. New per attempt: a fresh ephemeral port (chosen
+/// at random by the kernel when `connect` binds it) is the other half of the entropy a spoofer
+/// has to guess. Connected, so the kernel drops datagrams from any other source and reports
+/// ICMP port unreachable as ECONNREFUSED on receive; tokio wakes on error readiness too, so a
+/// dead upstream fails at once rather than at the timeout. Not bound first: `connect` binds,
+/// and a system call less per query counts on the forwarding path.
+fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let family = match upstream {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(upstream))?;
+    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+}
+
 /// Sends one UDP query and waits for the matching reply, dropping anything
 /// else. Returns only on a match or a socket error; the caller times it out.
 async fn exchange_udp(
@@ -431,31 +468,36 @@ async fn exchange_udp(
     query: &[u8],
     expected: &Query,
     rejected: &mut Option<String>,
-) -> io::Result<Message> {
-    let local: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    // New socket per attempt: a fresh ephemeral port is the other half of
-    // the entropy a spoofer has to guess.
-    let socket = UdpSocket::bind(local).await?;
-    // Connected, so the kernel drops datagrams from any other source and
-    // reports ICMP port unreachable as ECONNREFUSED on recv. tokio's recv
-    // also wakes on error readiness, so a dead upstream fails at once
-    // rather than at the timeout.
-    socket.connect(upstream).await?;
+) -> io::Result<Relayed> {
+    let socket = connected_udp(upstream)?;
     let (id, packet) = with_fresh_id(query);
     socket.send(&packet).await?;
 
-    // Room for the largest datagram, but not zeroed: `recv_buf` writes into spare capacity,
-    // so a query waiting on a slow upstream holds address space, not touched memory, and a
-    // reply costs no 64 KiB memset.
-    let mut buf = Vec::with_capacity(MAX_MESSAGE_LEN);
+    let fd = socket.as_raw_fd();
     loop {
-        buf.clear();
-        socket.recv_buf(&mut buf).await?;
+        // Error readiness too: that is how an ICMP refusal shows. `try_io` is then asked about
+        // the one kind that is ready (tokio masks a combined interest to nothing there).
+        let ready = socket.ready(Interest::READABLE | Interest::ERROR).await?;
+        let interest = if ready.is_error() {
+            Interest::ERROR
+        } else {
+            Interest::READABLE
+        };
+        // Received into the thread's buffer (no await while it is borrowed) and copied out at
+        // its size: a query waiting on an upstream holds no 64 KiB buffer, and a reply costs
+        // no large allocation.
+        let received = RECEIVE_BUFFER.with_borrow_mut(|buffer| {
+            match socket.try_io(interest, || {
+                recv(fd, buffer, MsgFlags::empty()).map_err(io::Error::from)
+            }) {
+                Ok(len) => Ok(buffer.get(..len).map(<[u8]>::to_vec)),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(error) => Err(error),
+            }
+        });
+        let Some(buf) = received? else { continue };
         match check_reply(&buf, id, expected) {
-            Ok(reply) => return Ok(reply),
+            Ok(message) => return Ok(Relayed { message, wire: buf }),
             Err(detail) => {
                 trace!(%upstream, %detail, "dropped UDP reply");
                 *rejected = Some(detail);
@@ -471,7 +513,7 @@ async fn exchange_tcp(
     query: &[u8],
     expected: &Query,
     rejected: &mut Option<String>,
-) -> io::Result<Message> {
+) -> io::Result<Relayed> {
     let mut stream = TcpStream::connect(upstream).await?;
     // One small write then wait: Nagle would only add latency.
     stream.set_nodelay(true)?;
@@ -488,7 +530,7 @@ async fn exchange_tcp(
         let mut buf = vec![0u8; len];
         stream.read_exact(&mut buf).await?;
         match check_reply(&buf, id, expected) {
-            Ok(reply) => return Ok(reply),
+            Ok(message) => return Ok(Relayed { message, wire: buf }),
             Err(detail) => {
                 trace!(%upstream, %detail, "dropped TCP reply");
                 *rejected = Some(detail);
@@ -512,7 +554,7 @@ fn truncated_header(bytes: &[u8]) -> Option<Message> {
 
 /// Accepts `bytes` only if it is a response to exactly our question with our
 /// ID; the reason for rejection otherwise.
-fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Message, String> {
+pub(crate) fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Message, String> {
     // ID first, from the raw bytes: a flood of spoofs should not cost a full
     // parse each.
     let [hi, lo, ..] = bytes else {

@@ -9,17 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
-use meshdns::cluster::{DEFAULT_GATEWAY_SELECTOR, LabelSelector};
 use meshdns::handler::DnsHandler;
 use meshdns::hub::SharedTable;
 use meshdns::metrics::Metrics;
 use meshdns::server::{DnsServer, ServerSettings};
-use meshdns::source::parse_dump;
-use meshdns::table::{ClusterInput, Table, TableSettings};
 use meshdns::upstream::{Forward, ForwardError, Transport};
+use support::compare::{canonical, demo_table, mixed_case};
 use support::dns::{Proto, exchange_raw, query_msg};
 
 /// Forwarding answers SERVFAIL on both paths; this test is about table answers.
@@ -31,27 +28,6 @@ impl Forward for NoUpstream {
     }
 }
 
-fn demo_table() -> SharedTable {
-    let selector = LabelSelector::parse(DEFAULT_GATEWAY_SELECTOR).unwrap();
-    let one = parse_dump(meshdns::demo::CLUSTER_1.as_bytes(), &selector).unwrap();
-    let two = parse_dump(meshdns::demo::CLUSTER_2.as_bytes(), &selector).unwrap();
-    let settings = TableSettings {
-        cluster_domain: "cluster.local".into(),
-        ttl: 30,
-        negative_ttl: 5,
-        search: meshdns::demo::SEARCH.iter().map(ToString::to_string).collect(),
-    };
-    let input = |name, local, state| ClusterInput {
-        name,
-        local,
-        state,
-        loaded: true,
-        gateway_override: None,
-    };
-    let inputs = [input("cluster-1", true, &one), input("cluster-2", false, &two)];
-    Arc::new(ArcSwap::from_pointee(Table::build(&settings, &inputs, 1).0))
-}
-
 async fn server(table: &SharedTable, fast: bool) -> DnsServer {
     let metrics = Arc::new(Metrics::new());
     let handler = DnsHandler::with_metrics(Arc::clone(table), Arc::new(NoUpstream), Arc::clone(&metrics));
@@ -59,27 +35,6 @@ async fn server(table: &SharedTable, fast: bool) -> DnsServer {
     settings.fast_path = fast.then(|| Arc::clone(table));
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     DnsServer::bind(&[listen], handler, settings).await.unwrap()
-}
-
-/// A reply with the order of records inside each section made canonical.
-fn canonical(bytes: &[u8]) -> String {
-    let mut msg = Message::from_vec(bytes).expect("reply parses");
-    let sort = |records: &mut Vec<hickory_proto::rr::Record>| records.sort_by_key(ToString::to_string);
-    sort(&mut msg.answers);
-    sort(&mut msg.authorities);
-    sort(&mut msg.additionals);
-    format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        msg.metadata, msg.queries, msg.answers, msg.authorities, msg.additionals, msg.edns
-    )
-}
-
-/// Spells `name` in mixed case, as 0x20-randomising resolvers do.
-fn mixed_case(name: &str) -> String {
-    name.chars()
-        .enumerate()
-        .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
-        .collect()
 }
 
 #[tokio::test]

@@ -85,6 +85,11 @@ fn watch_events_corpus() {
     replay("watch_events");
 }
 
+#[test]
+fn relay_reply_corpus() {
+    replay("relay_reply");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Seed generation
 
@@ -115,6 +120,110 @@ fn write_seed_corpus() {
     for (name, bytes) in WATCH_EVENTS {
         write("watch_events", name, bytes);
     }
+    for (name, bytes) in relay_exchanges() {
+        write("relay_reply", &name, &bytes);
+    }
+}
+
+/// Query and upstream reply pairs as the relay sees them: the query's length, the query, the
+/// reply (ID and question as the upstream echoes them).
+fn relay_exchanges() -> Vec<(String, Vec<u8>)> {
+    let exchange = |query: &Message, edit: &dyn Fn(&mut Message)| {
+        let mut reply = Message::new(0x7e57, MessageType::Response, OpCode::Query);
+        reply.metadata.recursion_desired = query.metadata.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.add_queries(query.queries.clone());
+        edit(&mut reply);
+        let q = bytes(query);
+        let mut out = u16::try_from(q.len()).expect("small").to_be_bytes().to_vec();
+        out.extend_from_slice(&q);
+        out.extend_from_slice(&bytes(&reply));
+        out
+    };
+    let www = "WwW.Example.COM.";
+    let a = |ip: [u8; 4]| Record::from_rdata(name(www), 300, RData::A(ARecord::new(ip[0], ip[1], ip[2], ip[3])));
+    let soa = || {
+        Record::from_rdata(
+            name("example.com."),
+            900,
+            RData::SOA(hickory_proto::rr::rdata::SOA::new(
+                name("ns.example.com."),
+                name("hostmaster.example.com."),
+                1,
+                7200,
+                900,
+                86400,
+                60,
+            )),
+        )
+    };
+    let opt = |reply: &mut Message| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        reply.set_edns(edns);
+    };
+    let mut out = Vec::new();
+    let mut add = |name: &str, bytes: Vec<u8>| out.push((name.to_string(), bytes));
+    add(
+        "a-edns",
+        exchange(&dig(0x1111, www, RecordType::A), &|r| {
+            r.add_answer(a([192, 0, 2, 1]));
+            r.add_answer(a([192, 0, 2, 2]));
+            opt(r);
+        }),
+    );
+    add(
+        "a-plain-opt-in-reply",
+        exchange(&query(0x2222, www, RecordType::A), &|r| {
+            r.add_answer(a([192, 0, 2, 1]));
+            opt(r);
+        }),
+    );
+    add(
+        "a-edns-no-opt-in-reply",
+        exchange(&dig(0x3333, www, RecordType::A), &|r| {
+            r.add_answer(a([192, 0, 2, 1]));
+        }),
+    );
+    add(
+        "nxdomain-soa",
+        exchange(&query(0x4444, "nothere.example.com.", RecordType::A), &|r| {
+            r.metadata.response_code = hickory_proto::op::ResponseCode::NXDomain;
+            r.add_authority(soa());
+        }),
+    );
+    add(
+        "big-plain",
+        exchange(&query(0x5555, www, RecordType::A), &|r| {
+            for i in 0..60 {
+                r.add_answer(a([10, 0, 0, i]));
+            }
+        }),
+    );
+    add(
+        "cname-chain",
+        exchange(&query(0x6666, www, RecordType::A), &|r| {
+            let edge = name("edge.cdn.example.net.");
+            r.add_answer(Record::from_rdata(
+                name(www),
+                60,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(edge.clone())),
+            ));
+            r.add_answer(Record::from_rdata(edge, 20, RData::A(ARecord::new(198, 51, 100, 7))));
+        }),
+    );
+    add(
+        "servfail",
+        exchange(&dig(0x7777, www, RecordType::AAAA), &|r| {
+            r.metadata.response_code = hickory_proto::op::ResponseCode::ServFail;
+        }),
+    );
+    let mut trailing = exchange(&query(0x8888, www, RecordType::A), &|r| {
+        r.add_answer(a([192, 0, 2, 9]));
+    });
+    trailing.extend_from_slice(b"trailing");
+    add("trailing-bytes", trailing);
+    out
 }
 
 fn name(s: &str) -> Name {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod compare;
 pub mod dns;
 pub mod process;
 pub mod proxy;

@@ -1,0 +1,54 @@
+//! What the tests that compare two ways of answering share: the demo table and a canonical
+//! form of a reply.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::Message;
+use meshdns::cluster::{DEFAULT_GATEWAY_SELECTOR, LabelSelector};
+use meshdns::hub::SharedTable;
+use meshdns::source::parse_dump;
+use meshdns::table::{ClusterInput, Table, TableSettings};
+
+/// The embedded demo's two clusters, both loaded, as the `sleep` pod sees them.
+pub fn demo_table() -> SharedTable {
+    let selector = LabelSelector::parse(DEFAULT_GATEWAY_SELECTOR).unwrap();
+    let one = parse_dump(meshdns::demo::CLUSTER_1.as_bytes(), &selector).unwrap();
+    let two = parse_dump(meshdns::demo::CLUSTER_2.as_bytes(), &selector).unwrap();
+    let settings = TableSettings {
+        cluster_domain: "cluster.local".into(),
+        ttl: 30,
+        negative_ttl: 5,
+        search: meshdns::demo::SEARCH.iter().map(ToString::to_string).collect(),
+    };
+    let input = |name, local, state| ClusterInput {
+        name,
+        local,
+        state,
+        loaded: true,
+        gateway_override: None,
+    };
+    let inputs = [input("cluster-1", true, &one), input("cluster-2", false, &two)];
+    Arc::new(ArcSwap::from_pointee(Table::build(&settings, &inputs, 1).0))
+}
+
+/// A reply with the order of records inside each section made canonical.
+pub fn canonical(bytes: &[u8]) -> String {
+    let mut msg = Message::from_vec(bytes).expect("reply parses");
+    let sort = |records: &mut Vec<hickory_proto::rr::Record>| records.sort_by_key(ToString::to_string);
+    sort(&mut msg.answers);
+    sort(&mut msg.authorities);
+    sort(&mut msg.additionals);
+    format!(
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        msg.metadata, msg.queries, msg.answers, msg.authorities, msg.additionals, msg.edns
+    )
+}
+
+/// Spells `name` in mixed case, as 0x20-randomising resolvers do.
+pub fn mixed_case(name: &str) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+        .collect()
+}
