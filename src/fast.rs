@@ -27,26 +27,13 @@ use hickory_proto::rr::RecordType;
 use crate::lookup::{self, Decision as Lookup, Rule};
 use crate::name_key::KeyBuf;
 use crate::table::{EntryData, Found, Table};
+use crate::wire::{
+    CLASS_IN, EDNS_DO, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, HEADER_LEN, MAX_LABEL, MIN_UDP_PAYLOAD,
+    OPCODE_MASK, TYPE_A, TYPE_AAAA, TYPE_CNAME, TYPE_OPT, opt_record,
+};
 
-/// Length of the DNS header.
-const HEADER_LEN: usize = 12;
-/// Without EDNS, a UDP answer is at most this long (RFC 1035).
-const MIN_UDP_PAYLOAD: usize = 512;
 /// Offset of the question name, the target of every answer's compression pointer.
 const NAME_POINTER: [u8; 2] = [0xC0, HEADER_LEN as u8];
-const TYPE_A: u16 = 1;
-const TYPE_CNAME: u16 = 5;
-const TYPE_AAAA: u16 = 28;
-const TYPE_OPT: u16 = 41;
-const CLASS_IN: u16 = 1;
-/// Header flag bits (RFC 1035 4.1.1, RFC 4035 for CD), as they sit in bytes 2 and 3.
-const FLAG_QR: u8 = 0x80;
-const FLAG_AA: u8 = 0x04;
-const FLAG_TC: u8 = 0x02;
-const FLAG_RD: u8 = 0x01;
-const FLAG_RA: u8 = 0x80;
-const FLAG_CD: u8 = 0x10;
-const OPCODE_MASK: u8 = 0x78;
 const RCODE_NO_ERROR: u8 = 0;
 const RCODE_NX_DOMAIN: u8 = 3;
 /// A compression pointer is these two bits and a 14-bit offset.
@@ -54,10 +41,6 @@ const POINTER_FLAG: u16 = 0xC000;
 const MAX_POINTER: u16 = 0x3FFF;
 /// EDNS Client Subnet (RFC 7871), an option whose content hickory parses.
 const OPTION_CLIENT_SUBNET: u16 = 8;
-/// The DO bit in the flags half of an OPT record's TTL (RFC 3225).
-const EDNS_DO: u16 = 0x8000;
-/// Longest label; longer length bytes are compression pointers or reserved label types.
-const MAX_LABEL: u8 = 63;
 /// Longest name in wire form, root byte included.
 const MAX_NAME_WIRE: usize = 255;
 
@@ -89,8 +72,8 @@ pub(crate) struct Parsed<'q> {
 pub fn answer(table: &Table, query: &[u8], rotation: usize, out: &mut [u8]) -> Option<FastAnswer> {
     let parsed = parse(query)?;
     let limit = match parsed.edns {
-        Some((payload, _)) => usize::from(payload).max(MIN_UDP_PAYLOAD),
-        None => MIN_UDP_PAYLOAD,
+        Some((payload, _)) => usize::from(payload.max(MIN_UDP_PAYLOAD)),
+        None => usize::from(MIN_UDP_PAYLOAD),
     }
     .min(out.len());
     let mut w = Writer { out, len: 0, limit };
@@ -206,17 +189,10 @@ fn negative(w: &mut Writer<'_>, parsed: &Parsed<'_>, table: &Table, rcode: u8) -
 /// The OPT record, if the query had one. The full path advertises the client's own size back
 /// (at least 512), version 0, no extended rcode and no options; DO is echoed.
 fn opt(w: &mut Writer<'_>, parsed: &Parsed<'_>) -> Option<()> {
-    let Some((payload, dnssec_ok)) = parsed.edns else {
-        return Some(());
-    };
-    let payload = payload.max(MIN_UDP_PAYLOAD as u16);
-    let flags = if dnssec_ok { EDNS_DO } else { 0 };
-    w.put(&[0])?;
-    w.put(&TYPE_OPT.to_be_bytes())?;
-    w.put(&payload.to_be_bytes())?;
-    w.put(&[0, 0])?;
-    w.put(&flags.to_be_bytes())?;
-    w.put(&[0, 0])
+    match parsed.edns {
+        Some((payload, dnssec_ok)) => w.put(&opt_record(payload, dnssec_ok)),
+        None => Some(()),
+    }
 }
 
 /// The address records of the asked family, each owned by `owner` (a compression pointer).

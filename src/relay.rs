@@ -33,26 +33,12 @@ use crate::lookup::{self, Decision};
 use crate::metrics::{Metrics, Outcome};
 use crate::table::Table;
 use crate::upstream::{Forwarder, Transport};
-use crate::wire::{self, HEADER_LEN};
+use crate::wire::{
+    self, FLAG_AD, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, HEADER_LEN, MIN_UDP_PAYLOAD, OPT_LEN, TYPE_A, TYPE_AAAA,
+    TYPE_OPT, TYPE_SIG, TYPE_TSIG, opt_record,
+};
 
-/// Without EDNS, a UDP reply is at most this long (RFC 1035).
-const MIN_UDP_PAYLOAD: u16 = 512;
-const TYPE_A: u16 = 1;
-const TYPE_AAAA: u16 = 28;
-const TYPE_SIG: u16 = 24;
-const TYPE_OPT: u16 = 41;
-const TYPE_TSIG: u16 = 250;
-/// Header bits as they sit in bytes 2 and 3.
-const FLAG_QR: u8 = 0x80;
-const FLAG_RD: u8 = 0x01;
-const FLAG_RA: u8 = 0x80;
-const FLAG_AD: u8 = 0x20;
-const FLAG_CD: u8 = 0x10;
 const RCODE_SERVFAIL: u8 = 2;
-/// An OPT record without options.
-const OPT_LEN: usize = 11;
-/// The DO bit in the flags half of an OPT record's TTL (RFC 3225).
-const EDNS_DO: u16 = 0x8000;
 /// Reverse zones: a reverse name may be a PTR the table answers, which the full path decides.
 const REVERSE_ZONES: [&[u8]; 2] = [b"\x07in-addr\x04arpa", b"\x03ip6\x04arpa"];
 
@@ -359,15 +345,7 @@ pub fn servfail(query: &[u8], plan: &Plan) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// An OPT record as the full path writes its own: root owner, the client's payload size (at
-/// least 512), no extended rcode, version 0, DO echoed, no options.
-fn opt_record(payload: u16, dnssec_ok: bool) -> [u8; OPT_LEN] {
-    let [p0, p1] = payload.max(MIN_UDP_PAYLOAD).to_be_bytes();
-    let [f0, f1] = if dnssec_ok { EDNS_DO } else { 0 }.to_be_bytes();
-    let [t0, t1] = TYPE_OPT.to_be_bytes();
-    [0, t0, t1, p0, p1, 0, 0, f0, f1, 0, 0]
-}
-
+/// Appends the OPT record the full path writes of its own (see [`opt_record`]).
 fn push_opt(out: &mut Vec<u8>, payload: u16, dnssec_ok: bool) {
     out.extend_from_slice(&opt_record(payload, dnssec_ok));
 }

@@ -6,13 +6,36 @@
 
 /// Length of the DNS header.
 pub const HEADER_LEN: usize = 12;
+/// Without EDNS, a UDP message is at most this long (RFC 1035).
+pub const MIN_UDP_PAYLOAD: u16 = 512;
+pub const TYPE_A: u16 = 1;
+pub const TYPE_CNAME: u16 = 5;
+pub const TYPE_SIG: u16 = 24;
+pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_TSIG: u16 = 250;
+pub const CLASS_IN: u16 = 1;
+/// Header flag bits (RFC 1035 4.1.1, RFC 4035 for AD and CD), as they sit in bytes 2 and 3.
+pub const FLAG_QR: u8 = 0x80;
+pub const FLAG_AA: u8 = 0x04;
+pub const FLAG_TC: u8 = 0x02;
+pub const FLAG_RD: u8 = 0x01;
+pub const FLAG_RA: u8 = 0x80;
+pub const FLAG_AD: u8 = 0x20;
+pub const FLAG_CD: u8 = 0x10;
+pub const OPCODE_MASK: u8 = 0x78;
+/// The DO bit in the flags half of an OPT record's TTL (RFC 3225).
+pub const EDNS_DO: u16 = 0x8000;
+/// An OPT record without options.
+pub const OPT_LEN: usize = 11;
 /// Fixed part of a resource record after its owner name: type, class, TTL, data length.
 const RR_FIXED: usize = 10;
 /// Offset of the TTL within that fixed part.
 const TTL_AT: usize = 4;
 /// From the TTL to the data: the TTL and the data length.
 const DATA_AFTER_TTL: usize = 6;
-const MAX_LABEL: u8 = 63;
+/// Longest label; longer length bytes are compression pointers or reserved label types.
+pub const MAX_LABEL: u8 = 63;
 /// The top two bits of a compression pointer's first byte.
 pub const POINTER_BITS: u8 = 0xC0;
 
@@ -31,6 +54,15 @@ pub struct RecordAt {
     pub end: usize,
     /// Whether it is in the additional section.
     pub additional: bool,
+}
+
+/// An OPT record as meshdns writes its own: root owner, the client's payload size (at least
+/// 512), no extended rcode, version 0, DO as given, no options.
+pub fn opt_record(payload: u16, dnssec_ok: bool) -> [u8; OPT_LEN] {
+    let [p0, p1] = payload.max(MIN_UDP_PAYLOAD).to_be_bytes();
+    let [f0, f1] = if dnssec_ok { EDNS_DO } else { 0 }.to_be_bytes();
+    let [t0, t1] = TYPE_OPT.to_be_bytes();
+    [0, t0, t1, p0, p1, 0, 0, f0, f1, 0, 0]
 }
 
 /// The 16-bit count at `at` of the header.
