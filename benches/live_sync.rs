@@ -12,6 +12,9 @@ mod apiserver;
 #[path = "../tests/support/dns.rs"]
 #[allow(dead_code)]
 mod dns;
+#[path = "../tests/support/strict.rs"]
+#[allow(dead_code)]
+mod strict;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};

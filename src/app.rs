@@ -234,14 +234,15 @@ impl App {
 
         let cache = Arc::new(Cache::with_metrics(config.cache, Arc::clone(&metrics)));
         let handler = DnsHandler::with_metrics(sources.hub.table(), Arc::clone(&forwarder), Arc::clone(&metrics))
-            .with_cache(Arc::clone(&cache));
+            .with_cache(Arc::clone(&cache))
+            .with_udp_payload(config.max_udp_payload);
         let settings = ServerSettings {
             fast_path: Some(sources.hub.table()),
-            relay: Some(Arc::new(Relay::new(
-                Arc::clone(&forwarder),
-                Arc::clone(&cache),
-                Arc::clone(&metrics),
-            ))),
+            relay: Some(Arc::new(
+                Relay::new(Arc::clone(&forwarder), Arc::clone(&cache), Arc::clone(&metrics))
+                    .with_udp_payload(config.max_udp_payload),
+            )),
+            udp_payload: config.max_udp_payload,
             max_udp_in_flight: config.limits.udp_in_flight,
             max_tcp_connections: config.limits.tcp_connections,
             max_tcp_pipeline: config.limits.tcp_pipeline,
@@ -353,6 +354,7 @@ impl App {
         keep!(admin, "admin");
         keep!(worker_threads, "workerThreads");
         keep!(tcp_idle_timeout, "tcpIdleTimeout");
+        keep!(max_udp_payload, "maxUdpPayload");
         keep!(limits, "limits");
         keep!(remote_secrets_dir, "remoteSecretsDir");
         if !restart.is_empty() {

@@ -16,6 +16,7 @@ use crate::cluster::{DEFAULT_GATEWAY_SELECTOR, Ingress, LabelSelector, is_dns_la
 use crate::resolv::DNS_PORT;
 use crate::server::{DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_PIPELINE, DEFAULT_MAX_UDP_IN_FLIGHT};
 use crate::upstream::{DEFAULT_DEADLINE, DEFAULT_TRY_TIMEOUT};
+use crate::wire::{MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, UdpPayload};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -116,6 +117,7 @@ pub struct FileConfig {
     pub upstream_timeout: Option<String>,
     pub upstream_deadline: Option<String>,
     pub tcp_idle_timeout: Option<String>,
+    pub max_udp_payload: Option<u16>,
     pub worker_threads: Option<usize>,
     pub remote_secrets_dir: Option<PathBuf>,
     pub startup_wait: Option<String>,
@@ -242,6 +244,9 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub upstream_deadline: Duration,
     pub tcp_idle_timeout: Duration,
+    /// The largest UDP reply meshdns sends and the payload size it advertises
+    /// (`maxUdpPayload`, 512 to 4096, default 1232).
+    pub max_udp_payload: UdpPayload,
     pub worker_threads: usize,
     /// Directory of Istio remote-secret kubeconfigs, one remote cluster per entry.
     pub remote_secrets_dir: Option<PathBuf>,
@@ -411,6 +416,16 @@ impl Config {
         let tcp_idle_timeout = duration("tcpIdleTimeout", file.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT, false);
         let startup_wait = duration("startupWait", file.startup_wait, DEFAULT_STARTUP_WAIT, true);
         let drain_timeout = duration("drainTimeout", file.drain_timeout, DEFAULT_DRAIN_TIMEOUT, true);
+        let max_udp_payload = match file.max_udp_payload {
+            None => UdpPayload::default(),
+            Some(size) => UdpPayload::new(size).unwrap_or_else(|| {
+                problems.push(
+                    "maxUdpPayload",
+                    format!("{size} is outside {MIN_UDP_PAYLOAD}..={MAX_UDP_PAYLOAD} (bytes of a UDP reply)"),
+                );
+                UdpPayload::default()
+            }),
+        };
         let worker_threads = file.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS);
         if worker_threads == 0 {
             problems.push("workerThreads", "must be at least 1");
@@ -514,6 +529,7 @@ impl Config {
             upstream_timeout,
             upstream_deadline,
             tcp_idle_timeout,
+            max_udp_payload,
             worker_threads,
             remote_secrets_dir: file.remote_secrets_dir.map(|d| base.join(d)),
             startup_wait,

@@ -28,14 +28,13 @@ use crate::lookup::{self, Decision as Lookup, Rule};
 use crate::name_key::KeyBuf;
 use crate::table::{EntryData, Found, Table};
 use crate::wire::{
-    CLASS_IN, EDNS_DO, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, HEADER_LEN, MAX_LABEL, MIN_UDP_PAYLOAD,
-    OPCODE_MASK, TYPE_A, TYPE_AAAA, TYPE_CNAME, TYPE_OPT, opt_record,
+    CLASS_IN, EDNS_DO, EDNS_VERSION, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, HEADER_LEN, MAX_LABEL,
+    OPCODE_MASK, RCODE_NO_ERROR, RCODE_NX_DOMAIN, TYPE_A, TYPE_AAAA, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR, TYPE_OPT,
+    UdpPayload, opt_record,
 };
 
 /// Offset of the question name, the target of every answer's compression pointer.
 const NAME_POINTER: [u8; 2] = [0xC0, HEADER_LEN as u8];
-const RCODE_NO_ERROR: u8 = 0;
-const RCODE_NX_DOMAIN: u8 = 3;
 /// A compression pointer is these two bits and a 14-bit offset.
 const POINTER_FLAG: u16 = 0xC000;
 const MAX_POINTER: u16 = 0x3FFF;
@@ -69,14 +68,15 @@ pub(crate) struct Parsed<'q> {
 /// Answers `query` from `table` into `out`, or declines (`None`) and leaves the query to the
 /// full path. `rotation` picks which address comes first, so clients that take the first
 /// address spread over all of them.
-pub fn answer(table: &Table, query: &[u8], rotation: usize, out: &mut [u8]) -> Option<FastAnswer> {
+pub fn answer(table: &Table, query: &[u8], rotation: usize, payload: UdpPayload, out: &mut [u8]) -> Option<FastAnswer> {
     let parsed = parse(query)?;
-    let limit = match parsed.edns {
-        Some((payload, _)) => usize::from(payload.max(MIN_UDP_PAYLOAD)),
-        None => usize::from(MIN_UDP_PAYLOAD),
-    }
-    .min(out.len());
-    let mut w = Writer { out, len: 0, limit };
+    let limit = usize::from(payload.limit(parsed.edns.map(|(size, _)| size))).min(out.len());
+    let mut w = Writer {
+        out,
+        len: 0,
+        limit,
+        payload,
+    };
     let qtype = RecordType::from(parsed.qtype);
     let ttl = table.ttl().to_be_bytes();
     let rule = match lookup::decide(table, parsed.key.as_bytes()) {
@@ -92,15 +92,12 @@ pub fn answer(table: &Table, query: &[u8], rotation: usize, out: &mut [u8]) -> O
             if count == 0 {
                 // NODATA, never NXDOMAIN: musl drops a name when either family is NXDOMAIN.
                 negative(&mut w, &parsed, table, RCODE_NO_ERROR)?;
-                return Some(FastAnswer {
-                    len: w.len,
-                    qtype,
-                    rule: Rule::NoData,
-                });
+                Rule::NoData
+            } else {
+                header(&mut w, &parsed, RCODE_NO_ERROR, count, 0)?;
+                addresses(&mut w, parsed.qtype, v4, v6, NAME_POINTER, rotation, &ttl)?;
+                Rule::Table
             }
-            header(&mut w, &parsed, RCODE_NO_ERROR, count, 0)?;
-            addresses(&mut w, parsed.qtype, v4, v6, NAME_POINTER, rotation, &ttl)?;
-            Rule::Table
         }
         Lookup::Shortcut(canonical) => {
             // The alias to the table name, then that name's addresses; a name without the
@@ -175,22 +172,25 @@ fn header(w: &mut Writer<'_>, parsed: &Parsed<'_>, rcode: u8, answers: usize, au
     w.put(parsed.question)
 }
 
-/// NODATA or NXDOMAIN: no answers, the zone's SOA as authority (RFC 2308), and the OPT record.
+/// NODATA or NXDOMAIN: no answers, the zone's SOA as authority (RFC 2308). The caller adds
+/// the OPT record, as for every answer.
 fn negative(w: &mut Writer<'_>, parsed: &Parsed<'_>, table: &Table, rcode: u8) -> Option<()> {
     let soa = table.soa_wire();
     if soa.is_empty() {
         return None;
     }
     header(w, parsed, rcode, 0, 1)?;
-    w.put(soa)?;
-    opt(w, parsed)
+    w.put(soa)
 }
 
-/// The OPT record, if the query had one. The full path advertises the client's own size back
-/// (at least 512), version 0, no extended rcode and no options; DO is echoed.
+/// The OPT record, if the query had one: meshdns's own ([`opt_record`]), DO echoed. Written
+/// once, by [`answer`], after every kind of reply.
 fn opt(w: &mut Writer<'_>, parsed: &Parsed<'_>) -> Option<()> {
     match parsed.edns {
-        Some((payload, dnssec_ok)) => w.put(&opt_record(payload, dnssec_ok)),
+        Some((_, dnssec_ok)) => {
+            let record = opt_record(w.payload, dnssec_ok);
+            w.put(&record)
+        }
         None => Some(()),
     }
 }
@@ -302,6 +302,7 @@ struct Writer<'o> {
     out: &'o mut [u8],
     len: usize,
     limit: usize,
+    payload: UdpPayload,
 }
 
 impl Writer<'_> {
@@ -346,7 +347,8 @@ pub(crate) fn parse(query: &[u8]) -> Option<Parsed<'_>> {
     }
     let fixed = query.get(pos..pos + 4)?;
     let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
-    if u16::from_be_bytes([fixed[2], fixed[3]]) != CLASS_IN {
+    // Zone transfers are refused by the full path, whatever the name.
+    if u16::from_be_bytes([fixed[2], fixed[3]]) != CLASS_IN || matches!(qtype, TYPE_AXFR | TYPE_IXFR) {
         return None;
     }
     let question = query.get(HEADER_LEN..pos + 4)?;
@@ -370,7 +372,8 @@ fn parse_opt(rest: &[u8]) -> Option<(u16, bool)> {
     let [0, t0, t1, p0, p1, _ext_rcode, version, f0, f1, l0, l1, options @ ..] = rest else {
         return None;
     };
-    if u16::from_be_bytes([*t0, *t1]) != TYPE_OPT || *version != 0 {
+    // Another version is answered BADVERS by the full path.
+    if u16::from_be_bytes([*t0, *t1]) != TYPE_OPT || *version != EDNS_VERSION {
         return None;
     }
     if usize::from(u16::from_be_bytes([*l0, *l1])) != options.len() {
@@ -569,9 +572,12 @@ mod tests {
         for case in cases {
             let bytes = query(case.qname, case.qtype, case.edns);
             let mut out = [0u8; 4096];
-            let got = answer(&table, &bytes, 1, &mut out);
+            let got = answer(&table, &bytes, 1, UdpPayload::default(), &mut out);
             assert_eq!(got.map(|a| a.rule), case.want_rule, "{}", case.name);
             let Some(got) = got else { continue };
+            // Exactly the records the header counts, one OPT at most (hickory would not notice).
+            let layout = crate::strict::check(&out[..got.len]).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            assert_eq!(layout.opt.is_some(), case.edns.is_some(), "{}: OPT", case.name);
             let reply = Message::from_vec(&out[..got.len]).unwrap_or_else(|e| panic!("{}: {e}", case.name));
             let meta = &reply.metadata;
             assert_eq!(meta.id, 0xbeef, "{}", case.name);
@@ -595,7 +601,13 @@ mod tests {
             match (case.edns, reply.edns.as_ref()) {
                 (None, None) => {}
                 (Some((payload, dnssec_ok)), Some(edns)) => {
-                    assert_eq!(edns.max_payload(), payload.max(512), "{}", case.name);
+                    let _ = payload;
+                    assert_eq!(
+                        edns.max_payload(),
+                        1232,
+                        "{}: meshdns advertises its own size",
+                        case.name
+                    );
                     assert_eq!(edns.flags().dnssec_ok, dnssec_ok, "{}", case.name);
                     assert_eq!(edns.version(), 0, "{}", case.name);
                 }
@@ -612,7 +624,7 @@ mod tests {
         bytes[n - 1] = 12;
         bytes.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
         let mut out = [0u8; 512];
-        assert!(answer(&table, &bytes, 0, &mut out).is_some());
+        assert!(answer(&table, &bytes, 0, UdpPayload::default(), &mut out).is_some());
         assert!(!question_points_into_header(&bytes));
         let mut compressed = bytes[..12].to_vec();
         compressed.extend_from_slice(&[1, b'a', 0xC0, 2, 0, 1, 0, 1]);
@@ -634,7 +646,7 @@ mod tests {
         let bytes = query("dual.a.svc.cluster.local.", RecordType::A, None);
         let first = |rotation| {
             let mut out = [0u8; 512];
-            let got = answer(&table, &bytes, rotation, &mut out).unwrap();
+            let got = answer(&table, &bytes, rotation, UdpPayload::default(), &mut out).unwrap();
             Message::from_vec(&out[..got.len]).unwrap().answers[0].data.to_string()
         };
         assert_ne!(first(0), first(1));
@@ -661,6 +673,20 @@ mod tests {
             ("trailing bytes", edit(&plain, &|b| b.push(0))),
             ("cut in the name", plain[..20].to_vec()),
             ("class CH", edit(&plain, &|b| *b.last_mut().unwrap() = 3)),
+            (
+                "AXFR",
+                edit(&plain, &|b| {
+                    let n = b.len();
+                    b[n - 3] = 252;
+                }),
+            ),
+            (
+                "IXFR",
+                edit(&plain, &|b| {
+                    let n = b.len();
+                    b[n - 3] = 251;
+                }),
+            ),
             (
                 "compressed name",
                 edit(&plain, &|b| {
@@ -689,9 +715,17 @@ mod tests {
         ];
         for (name, bytes) in cases {
             let mut out = [0u8; 512];
-            assert_eq!(answer(&table, &bytes, 0, &mut out), None, "{name}");
+            assert_eq!(
+                answer(&table, &bytes, 0, UdpPayload::default(), &mut out),
+                None,
+                "{name}"
+            );
         }
         let mut tiny = [0u8; 40];
-        assert_eq!(answer(&table, &plain, 0, &mut tiny), None, "does not fit the buffer");
+        assert_eq!(
+            answer(&table, &plain, 0, UdpPayload::default(), &mut tiny),
+            None,
+            "does not fit the buffer"
+        );
     }
 }

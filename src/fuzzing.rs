@@ -43,8 +43,10 @@ use crate::server::{Encoded, Incoming, encode, incoming, take_frame, udp_limit};
 use crate::source::dump::parse_dump;
 use crate::source::kubeconfig::{KubeconfigError, check_untrusted, parse_kubeconfig};
 use crate::source::live::{Folder, HEADLESS_LABEL};
+use crate::strict;
 use crate::table::{ClusterInput, Table, TableSettings};
 use crate::upstream::{Forward, ForwardError, Transport};
+use crate::wire::{self, UdpPayload};
 
 /// A fuzz target: the name of its directory under `fuzz/corpus/` and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -152,7 +154,10 @@ impl HandlerFixture {
             Incoming::Dropped => return exchange,
         };
         let capture = Capture {
-            transport,
+            limit: match transport {
+                Transport::Udp => udp_limit(&request, UdpPayload::default()),
+                Transport::Tcp => u16::MAX,
+            },
             replies: Arc::default(),
         };
         self.handler
@@ -216,11 +221,12 @@ const FAST_REPLY_MAX: usize = 4096;
 fn check_fast_path(table: &Table, query: &[u8], request: Option<&Request>, full: Option<&[u8]>) {
     let mut out = vec![0u8; FAST_REPLY_MAX];
     for rotation in [0, 1, 5] {
-        let Some(answer) = fast::answer(table, query, rotation, &mut out) else {
+        let Some(answer) = fast::answer(table, query, rotation, UdpPayload::default(), &mut out) else {
             return;
         };
         let reply = out.get(..answer.len).expect("the fast path reports what it wrote");
         let full = full.expect("the fast path answered a query the full path does not answer");
+        let full_bytes = full;
         assert!(
             request.is_some(),
             "the fast path answered a query hickory cannot decode"
@@ -243,11 +249,30 @@ fn check_fast_path(table: &Table, query: &[u8], request: Option<&Request>, full:
         assert_eq!(fast.authorities, full.authorities, "fast and full path authority");
         assert_eq!(fast.additionals, full.additionals, "fast and full path additionals");
         assert_eq!(fast.edns, full.edns, "fast and full path EDNS");
+        // And on the wire: the same header bytes, question bytes and records (names expanded,
+        // answers in canonical order), not only the same decoded message.
+        let (fast, full) = (
+            strict::check(reply).expect("checked above"),
+            strict::check(full_bytes).expect("checked above"),
+        );
+        assert_eq!(reply[..4], full_bytes[..4], "fast and full path header flags");
+        let sorted = |layout: &strict::Layout| {
+            let mut records = layout.records.clone();
+            records.sort();
+            records
+        };
+        assert_eq!(sorted(&fast), sorted(&full), "fast and full path records on the wire");
+        assert_eq!(
+            (fast.questions, fast.answers, fast.authorities, fast.additionals),
+            (full.questions, full.answers, full.authorities, full.additionals),
+            "fast and full path counts"
+        );
     }
 }
 
 fn check_reply(query: &[u8], request: Option<&Request>, reply: &[u8], transport: Transport) {
     let header = Header::read(&mut BinDecoder::new(query)).expect("only queries with a header are answered");
+    let layout = strict::check(reply).unwrap_or_else(|e| panic!("{transport} reply is not strictly well-formed: {e}"));
     let message = Message::from_vec(reply).unwrap_or_else(|e| panic!("{transport} reply does not decode: {e}"));
     let meta = &message.metadata;
     assert_eq!(
@@ -260,31 +285,60 @@ fn check_reply(query: &[u8], request: Option<&Request>, reply: &[u8], transport:
         meta.op_code, header.metadata.op_code,
         "{transport} reply has another opcode"
     );
+    // A header-only FORMERR or NOTIMP: QR, the ID and the opcode, no other flag.
+    let bare = |rcode: u8, why: &str| {
+        assert_eq!(layout.rcode, u16::from(rcode), "{why}");
+        assert_eq!(
+            reply[2..4],
+            [wire::FLAG_QR | (query[2] & wire::OPCODE_MASK), rcode],
+            "{why}: flags"
+        );
+        assert_eq!(reply.len(), wire::HEADER_LEN, "{why}: header only");
+    };
+    if header.metadata.op_code != OpCode::Query {
+        bare(wire::RCODE_NOTIMP, "another opcode");
+        return;
+    }
     let Some(request) = request else {
-        assert_eq!(meta.response_code, ResponseCode::FormErr, "undecodable query");
-        assert!(message.queries.is_empty(), "undecodable query has no question to echo");
+        bare(wire::RCODE_FORMERR, "undecodable query");
         return;
     };
-    if transport == Transport::Udp {
-        let max = udp_limit(request.edns.as_ref());
-        assert!(
-            reply.len() <= usize::from(max),
-            "UDP reply of {} bytes exceeds the client's {max}",
-            reply.len()
+    if request.queries.queries().len() != 1 {
+        bare(wire::RCODE_FORMERR, "question count");
+        return;
+    }
+    let limit = match transport {
+        Transport::Udp => udp_limit(request, UdpPayload::default()),
+        Transport::Tcp => u16::MAX,
+    };
+    assert!(
+        reply.len() <= usize::from(limit),
+        "{transport} reply of {} bytes exceeds the client's {limit}",
+        reply.len()
+    );
+    assert_eq!(
+        layout.opt.is_some(),
+        request.edns.is_some(),
+        "{transport}: an OPT record exactly when the query had one"
+    );
+    if let Some(opt) = layout.opt {
+        assert_eq!(opt.version, wire::EDNS_VERSION, "meshdns speaks EDNS version 0");
+        assert_eq!(opt.payload, UdpPayload::default().advertised(), "advertised payload");
+    }
+    if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        // hickory names rcode 16 BADSIG (it is both, RFC 6891 and RFC 8945): compare numbers.
+        assert_eq!(layout.rcode, wire::RCODE_BADVERS, "EDNS version above 0");
+        assert_eq!(
+            message.answers.len() + message.authorities.len(),
+            0,
+            "BADVERS has no answer"
         );
     }
-    if request.metadata.op_code != OpCode::Query {
-        assert_eq!(
-            meta.response_code,
-            ResponseCode::NotImp,
-            "opcode {}",
-            request.metadata.op_code
-        );
-        return;
+    if transport == Transport::Tcp {
+        assert!(!meta.truncation, "TC over TCP");
     }
     let [asked] = request.queries.queries() else {
-        assert_eq!(meta.response_code, ResponseCode::FormErr, "question count");
-        return;
+        unreachable!("one question, checked above");
     };
     let asked = asked.original();
     let [echoed] = &message.queries[..] else {
@@ -325,7 +379,8 @@ type Captured = (Vec<u8>, bool);
 /// Captures what the handler sends, encoded by the server's own `server::encode`.
 #[derive(Clone)]
 struct Capture {
-    transport: Transport,
+    /// What the server's responder cuts replies to for this request.
+    limit: u16,
     replies: Arc<Mutex<Vec<Captured>>>,
 }
 
@@ -342,11 +397,7 @@ impl ResponseHandler for Capture {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let max = match self.transport {
-            Transport::Udp => udp_limit(response.edns()),
-            Transport::Tcp => u16::MAX,
-        };
-        let Encoded { info, bytes, fell_back } = encode(response, max)?;
+        let Encoded { info, bytes, fell_back } = encode(response, self.limit)?;
         self.replies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1008,7 +1059,8 @@ pub fn relay_reply(data: &[u8]) {
         return;
     };
     let table = relay_table();
-    let Some(plan) = relay::plan(table, query, false) else {
+    let payload = UdpPayload::default();
+    let Some(plan) = relay::plan(table, query, false, payload) else {
         return;
     };
     let (Ok((client_id, expected)), [i0, i1, ..]) = (parse_query(query), upstream) else {
@@ -1019,13 +1071,14 @@ pub fn relay_reply(data: &[u8]) {
     };
     let client = Message::from_vec(query).ok();
     let client_edns = client.as_ref().and_then(|m| m.edns.clone());
-    let limit = usize::from(udp_limit(client_edns.as_ref()));
+    let limit = usize::from(payload.limit(client_edns.as_ref().map(Edns::max_payload)));
     let Some(question) = crate::wire::skip_name(query, crate::wire::HEADER_LEN).and_then(|end| query.get(12..end + 4))
     else {
         return;
     };
 
     if let Some(bytes) = relay::client_reply(query, &plan, &accepted, upstream.to_vec()) {
+        strict::check(&bytes).unwrap_or_else(|e| panic!("the relayed reply is not strictly well-formed: {e}"));
         let reply = Message::from_vec(&bytes).expect("the relayed reply decodes");
         assert_eq!(reply.metadata.id, client_id);
         assert!(bytes.len() <= limit, "{} bytes for a {limit}-byte buffer", bytes.len());
@@ -1039,13 +1092,13 @@ pub fn relay_reply(data: &[u8]) {
         assert_eq!(reply.authorities, accepted.authorities);
         assert_eq!(reply.additionals, accepted.additionals);
         assert_eq!(reply.edns.is_some(), client_edns.is_some());
-        if let (Some(sent), Some(got)) = (&client_edns, &reply.edns) {
-            assert_eq!(got.max_payload(), sent.max_payload().max(512));
+        if let Some(got) = &reply.edns {
+            assert_eq!(got.max_payload(), payload.advertised());
         }
     }
 
     // The same reply through the cache: the relay's hit against the full path's.
-    let Some(key) = relay::plan(table, query, true).and_then(|plan| plan.cache_key().cloned()) else {
+    let Some(key) = relay::plan(table, query, true, payload).and_then(|plan| plan.cache_key().cloned()) else {
         return;
     };
     let cache = Arc::new(Cache::new(CacheSettings::default()));
@@ -1059,6 +1112,7 @@ pub fn relay_reply(data: &[u8]) {
     let mut out = [0u8; 4096];
     if let Step::Answered { len, .. } = relay.step(table, query, &mut out) {
         let bytes = &out[..len];
+        strict::check(bytes).unwrap_or_else(|e| panic!("the cached reply is not strictly well-formed: {e}"));
         let reply = Message::from_vec(bytes).expect("the cached reply decodes");
         assert_eq!(reply.metadata.id, client_id);
         assert!(len <= limit);

@@ -19,10 +19,8 @@ use crate::hub::SharedTable;
 use crate::lookup::{self, LocalAnswer, Resolution};
 use crate::metrics::{Metrics, Outcome};
 use crate::upstream::{Forward, ForwardError, Transport};
+use crate::wire::{EDNS_VERSION, UdpPayload};
 
-/// The smallest payload every DNS client accepts (RFC 1035); an EDNS client asking for less
-/// is given this much.
-pub const MIN_UDP_PAYLOAD: u16 = 512;
 /// Payload advertised in meshdns's own queries (chasing an alias): the DNS flag day 2020 value
 /// that avoids IP fragmentation.
 pub const CHASE_UDP_PAYLOAD: u16 = 1232;
@@ -33,6 +31,7 @@ pub struct DnsHandler<F> {
     forwarder: Arc<F>,
     metrics: Arc<Metrics>,
     cache: Arc<Cache>,
+    payload: UdpPayload,
 }
 
 /// Where a relayed reply came from.
@@ -54,7 +53,15 @@ impl<F: Forward> DnsHandler<F> {
             forwarder,
             metrics,
             cache: Arc::new(Cache::disabled()),
+            payload: UdpPayload::default(),
         }
+    }
+
+    /// Advertises `payload` (the `maxUdpPayload` setting) in OPT records instead of the
+    /// default; the listeners cap UDP replies with the same value.
+    pub fn with_udp_payload(mut self, payload: UdpPayload) -> Self {
+        self.payload = payload;
+        self
     }
 
     /// Answers forwarded questions and alias chases from `cache` while it holds them.
@@ -143,12 +150,14 @@ impl<F: Forward> DnsHandler<F> {
     }
 }
 
-/// The EDNS section of a response: present when the query had one, sized to what the client
-/// can take (the encoder truncates UDP answers to `max_payload` and sets TC).
-fn response_edns(request: &Request, upstream: Option<&Edns>) -> Option<Edns> {
+/// The EDNS section of a response: present when the query had one, version 0, advertising
+/// meshdns's own payload size (the listeners truncate UDP answers to what the client takes).
+/// An upstream's OPT keeps its flags and options; meshdns's own echoes the client's DO bit.
+fn response_edns(request: &Request, upstream: Option<&Edns>, payload: UdpPayload) -> Option<Edns> {
     let client = request.edns.as_ref()?;
     let mut edns = upstream.cloned().unwrap_or_default();
-    edns.set_max_payload(client.max_payload().max(MIN_UDP_PAYLOAD));
+    edns.set_max_payload(payload.advertised());
+    edns.set_version(EDNS_VERSION);
     if upstream.is_none() {
         edns.set_dnssec_ok(client.flags().dnssec_ok);
     }
@@ -179,7 +188,7 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
         mut response_handle: R,
     ) -> ResponseInfo {
         let started = Instant::now();
-        let edns = response_edns(request, None);
+        let edns = response_edns(request, None, self.payload);
         let send_error = |rcode| {
             let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
             let mut response = builder.error_msg(&request.metadata, rcode);
@@ -187,6 +196,8 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
             response
         };
 
+        // The listeners answer these with a bare header (`wire::bare_reply`) before a request
+        // is made; this covers a handler driven another way.
         if request.metadata.op_code != OpCode::Query {
             return send(&mut response_handle, send_error(ResponseCode::NotImp), request).await;
         }
@@ -195,6 +206,22 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
         };
         let qname = query.original().name();
         let qtype = query.query_type();
+        let refusal = if request.edns.as_ref().is_some_and(|e| e.version() > EDNS_VERSION) {
+            // RFC 6891 6.1.3: an OPT of the version meshdns speaks and no answer; never
+            // forwarded (the upstream may speak it, but the reply would not be meshdns's) and
+            // never cached.
+            Some(ResponseCode::BADVERS)
+        } else if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            Some(ResponseCode::Refused)
+        } else {
+            None
+        };
+        if let Some(rcode) = refusal {
+            debug!(client = %request.src(), name = %qname, %qtype, outcome = Outcome::Refused.as_str(), %rcode, elapsed_us = started.elapsed().as_micros() as u64, "query");
+            self.metrics
+                .request(transport(request.protocol()), qtype, Outcome::Refused, started);
+            return send(&mut response_handle, send_error(rcode), request).await;
+        }
 
         let resolution = if query.query_class() == DNSClass::IN {
             lookup::resolve(&self.table.load(), qname, qtype)
@@ -238,7 +265,7 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
                         let mut metadata = reply.metadata;
                         metadata.id = request.metadata.id;
                         // A cached reply has no OPT record: the client's query decides it.
-                        let edns = response_edns(request, reply.edns.as_ref());
+                        let edns = response_edns(request, reply.edns.as_ref(), self.payload);
                         let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
                         let response = builder.build(
                             metadata,

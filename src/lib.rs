@@ -23,6 +23,7 @@ pub mod relay;
 pub mod resolv;
 pub mod server;
 pub mod source;
+pub mod strict;
 pub mod table;
 pub mod upstream;
 pub mod wire;

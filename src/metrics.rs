@@ -51,10 +51,13 @@ pub enum Outcome {
     CacheHit,
     /// SERVFAIL: no upstream gave a usable answer.
     Error,
+    /// Refused by rule, never looked up: BADVERS (an EDNS version meshdns does not speak) or
+    /// REFUSED (a zone transfer).
+    Refused,
 }
 
 impl Outcome {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Local,
         Self::SearchShortcut,
         Self::LocalNoData,
@@ -62,6 +65,7 @@ impl Outcome {
         Self::Forwarded,
         Self::CacheHit,
         Self::Error,
+        Self::Refused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +77,7 @@ impl Outcome {
             Self::Forwarded => "forwarded",
             Self::CacheHit => "cache_hit",
             Self::Error => "error",
+            Self::Refused => "refused",
         }
     }
 

@@ -34,11 +34,10 @@ use crate::metrics::{Metrics, Outcome};
 use crate::table::Table;
 use crate::upstream::{Forwarder, Transport};
 use crate::wire::{
-    self, FLAG_AD, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, HEADER_LEN, MIN_UDP_PAYLOAD, OPT_LEN, TYPE_A, TYPE_AAAA,
-    TYPE_OPT, TYPE_SIG, TYPE_TSIG, opt_record,
+    self, FLAG_AD, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, HEADER_LEN, OPT_LEN, RCODE_SERVFAIL, TYPE_A, TYPE_AAAA,
+    TYPE_OPT, TYPE_SIG, TYPE_TSIG, UdpPayload, opt_record,
 };
 
-const RCODE_SERVFAIL: u8 = 2;
 /// Reverse zones: a reverse name may be a PTR the table answers, which the full path decides.
 const REVERSE_ZONES: [&[u8]; 2] = [b"\x07in-addr\x04arpa", b"\x03ip6\x04arpa"];
 
@@ -52,6 +51,8 @@ pub struct Plan {
     /// The client's RD and CD bits, for the SERVFAIL reply.
     flags: u8,
     cache_key: Option<CacheKey>,
+    /// The UDP size rule the reply follows.
+    payload: UdpPayload,
 }
 
 impl Plan {
@@ -62,17 +63,14 @@ impl Plan {
 
     /// The largest reply the client takes over UDP.
     fn limit(&self) -> usize {
-        usize::from(
-            self.edns
-                .map_or(MIN_UDP_PAYLOAD, |(payload, _)| payload.max(MIN_UDP_PAYLOAD)),
-        )
+        usize::from(self.payload.limit(self.edns.map(|(size, _)| size)))
     }
 }
 
 /// The plan for `query` if it is a plain query (as [`fast`] reads them) that the full path
 /// would forward as it is: a name outside the cluster domain (reverse names excepted), or one
 /// inside it that the table leaves to the cluster's DNS. `None` leaves it to the full path.
-pub fn plan(table: &Table, query: &[u8], caching: bool) -> Option<Plan> {
+pub fn plan(table: &Table, query: &[u8], caching: bool, payload: UdpPayload) -> Option<Plan> {
     let parsed = fast::parse(query)?;
     let key = parsed.key.as_bytes();
     match lookup::decide(table, key) {
@@ -106,6 +104,7 @@ pub fn plan(table: &Table, query: &[u8], caching: bool) -> Option<Plan> {
         // RD sits in byte 2 and CD in byte 3 (different bits), so one byte holds both.
         flags: (head[2] & FLAG_RD) | (head[3] & FLAG_CD),
         cache_key,
+        payload,
     })
 }
 
@@ -136,6 +135,7 @@ pub struct Relay {
     forwarder: Arc<Forwarder>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
+    payload: UdpPayload,
 }
 
 impl std::fmt::Debug for Relay {
@@ -152,13 +152,20 @@ impl Relay {
             forwarder,
             cache,
             metrics,
+            payload: UdpPayload::default(),
         }
+    }
+
+    /// Replies follow `payload` (the `maxUdpPayload` setting) instead of the default.
+    pub fn with_udp_payload(mut self, payload: UdpPayload) -> Self {
+        self.payload = payload;
+        self
     }
 
     /// What to do with a UDP query: answer it from the cache into `out` at once, forward it
     /// ([`Relay::relay`]), or leave it to the full path.
     pub fn step(&self, table: &Table, query: &[u8], out: &mut [u8]) -> Step {
-        let Some(plan) = plan(table, query, self.cache.enabled()) else {
+        let Some(plan) = plan(table, query, self.cache.enabled(), self.payload) else {
             return Step::FullPath;
         };
         let Some(key) = &plan.cache_key else {
@@ -269,15 +276,15 @@ pub fn client_reply(query: &[u8], plan: &Plan, decoded: &Message, mut wire: Vec<
     let additionals = wire::count(&wire, 10)?;
     wire.get_mut(..2)?.copy_from_slice(query.get(..2)?);
     match (plan.edns, opt) {
-        (Some((payload, _)), Some((opt, _))) => {
+        (Some(_), Some((opt, _))) => {
             // The OPT record's class is the sender's UDP payload size; the full path advertises
-            // the client's own back (at least 512), and keeps the upstream's flags and options.
-            let payload = payload.max(MIN_UDP_PAYLOAD).to_be_bytes();
+            // meshdns's own, and keeps the upstream's flags and options.
+            let payload = plan.payload.advertised().to_be_bytes();
             wire.get_mut(opt + 3..opt + 5)?.copy_from_slice(&payload);
         }
-        (Some((payload, dnssec_ok)), None) => {
-            // The full path then sends an OPT of its own: the client's size and DO bit.
-            push_opt(&mut wire, payload, dnssec_ok);
+        (Some((_, dnssec_ok)), None) => {
+            // The full path then sends an OPT of its own: meshdns's size, the client's DO bit.
+            wire.extend_from_slice(&opt_record(plan.payload, dnssec_ok));
             wire.get_mut(10..12)?
                 .copy_from_slice(&additionals.checked_add(1)?.to_be_bytes());
         }
@@ -301,12 +308,12 @@ fn cached_reply(query: &[u8], plan: &Plan, out: &mut [u8], len: usize) -> Option
     }
     stored.copy_from_slice(question);
     out.get_mut(..2)?.copy_from_slice(query.get(..2)?);
-    let Some((payload, dnssec_ok)) = plan.edns else {
+    let Some((_, dnssec_ok)) = plan.edns else {
         return Some(len);
     };
     let additionals = wire::count(out, 10)?.checked_add(1)?;
     out.get_mut(10..12)?.copy_from_slice(&additionals.to_be_bytes());
-    let opt = opt_record(payload, dnssec_ok);
+    let opt = opt_record(plan.payload, dnssec_ok);
     out.get_mut(len..len + OPT_LEN)?.copy_from_slice(&opt);
     Some(len + OPT_LEN)
 }
@@ -339,15 +346,10 @@ pub fn servfail(query: &[u8], plan: &Plan) -> Option<Vec<u8>> {
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(&u16::from(plan.edns.is_some()).to_be_bytes());
     out.extend_from_slice(question);
-    if let Some((payload, dnssec_ok)) = plan.edns {
-        push_opt(&mut out, payload, dnssec_ok);
+    if let Some((_, dnssec_ok)) = plan.edns {
+        out.extend_from_slice(&opt_record(plan.payload, dnssec_ok));
     }
     Some(out)
-}
-
-/// Appends the OPT record the full path writes of its own (see [`opt_record`]).
-fn push_opt(out: &mut Vec<u8>, payload: u16, dnssec_ok: bool) {
-    out.extend_from_slice(&opt_record(payload, dnssec_ok));
 }
 
 #[cfg(test)]
@@ -399,7 +401,7 @@ mod tests {
     }
 
     fn relay_of(query: &[u8], wire: Vec<u8>) -> Option<Message> {
-        let plan = plan(&table(), query, false).expect("forwarded");
+        let plan = plan(&table(), query, false, UdpPayload::default()).expect("forwarded");
         let decoded = Message::from_vec(&wire).unwrap();
         client_reply(query, &plan, &decoded, wire).map(|bytes| Message::from_vec(&bytes).unwrap())
     }
@@ -428,7 +430,11 @@ mod tests {
     fn an_opt_record_is_added_for_an_edns_client_and_never_given_to_others() {
         let q = query("www.example.test.", Some(700));
         let reply = relay_of(&q, upstream_reply(&q, None, |_| {})).unwrap();
-        assert_eq!(reply.edns.as_ref().unwrap().max_payload(), 700);
+        assert_eq!(
+            reply.edns.as_ref().unwrap().max_payload(),
+            1232,
+            "meshdns advertises its own size"
+        );
         let plain = query("www.example.test.", None);
         assert!(relay_of(&plain, upstream_reply(&plain, Some(1232), |_| {})).is_none());
         assert!(
@@ -447,7 +453,7 @@ mod tests {
         let mut trailing = wire.clone();
         trailing.extend_from_slice(&[0, 0, 0]);
         assert!(relay_of(&q, trailing).is_none(), "trailing bytes");
-        let plan = plan(&table(), &q, false).unwrap();
+        let plan = plan(&table(), &q, false, UdpPayload::default()).unwrap();
         let mut other = Message::from_vec(&wire).unwrap();
         other.answers[0].ttl += 1;
         assert!(client_reply(&q, &plan, &other, wire.clone()).is_none(), "another TTL");
@@ -478,7 +484,7 @@ mod tests {
         let first = query("www.example.test.", Some(1232));
         let Some(Plan {
             cache_key: Some(key), ..
-        }) = plan(&table(), &first, true)
+        }) = plan(&table(), &first, true, UdpPayload::default())
         else {
             panic!("a forwarded, cacheable question");
         };
@@ -487,7 +493,7 @@ mod tests {
         let stored = Message::from_vec(&upstream_reply(&first, Some(4096), |_| {})).unwrap();
         cache.put(&key, &stored, Instant::now());
 
-        let again = query("WWW.example.TEST.", Some(900));
+        let again = query("WWW.example.TEST.", Some(1232));
         let Step::Answered { len, qtype } = relay.step(&table(), &again, &mut out) else {
             panic!("a hit");
         };
@@ -495,7 +501,7 @@ mod tests {
         let reply = Message::from_vec(&out[..len]).unwrap();
         assert_eq!(reply.metadata.id, 0x1234);
         assert_eq!(reply.queries[0].name().to_ascii(), "WWW.example.TEST.");
-        assert_eq!(reply.edns.as_ref().map(|e| e.max_payload()), Some(900));
+        assert_eq!(reply.edns.as_ref().map(|e| e.max_payload()), Some(1232));
         assert_eq!(reply.answers.len(), 1);
         assert!(reply.answers[0].ttl <= 60);
         // The same flags without EDNS: the same entry, and no OPT record in the reply.
@@ -509,7 +515,7 @@ mod tests {
     #[test]
     fn servfail_carries_the_question_flags_and_opt() {
         let q = query("Www.example.test.", Some(1232));
-        let plan = plan(&table(), &q, false).unwrap();
+        let plan = plan(&table(), &q, false, UdpPayload::default()).unwrap();
         let reply = Message::from_vec(&servfail(&q, &plan).unwrap()).unwrap();
         assert_eq!(reply.metadata.response_code, hickory_proto::op::ResponseCode::ServFail);
         assert_eq!(reply.metadata.id, 0x1234);

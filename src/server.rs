@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use hickory_proto::op::{Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, HeaderCounts, Message, MessageType, Metadata, ResponseCode};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::NetError;
@@ -44,11 +44,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::fast;
-use crate::handler::MIN_UDP_PAYLOAD;
 use crate::hub::SharedTable;
 use crate::metrics::{DropReason, MalformedReason, Metrics, Outcome};
 use crate::relay::{Plan, Relay, Relayed, Step};
 use crate::upstream::Transport;
+use crate::wire::{self, MIN_UDP_PAYLOAD, OPCODE_MASK, RCODE_FORMERR, RCODE_NOTIMP, UdpPayload};
 
 /// How many times a port-0 bind retries when the UDP port it got is taken for TCP.
 const SAME_PORT_ATTEMPTS: usize = 16;
@@ -113,6 +113,9 @@ pub struct ServerSettings {
     /// Most queries of one TCP connection worked on at once; the connection is not read
     /// further until one is answered.
     pub max_tcp_pipeline: usize,
+    /// How large UDP replies may be (`maxUdpPayload`); larger ones are truncated to whole
+    /// records with TC set, so the client asks again over TCP.
+    pub udp_payload: UdpPayload,
 }
 
 impl ServerSettings {
@@ -126,6 +129,7 @@ impl ServerSettings {
             max_udp_in_flight: DEFAULT_MAX_UDP_IN_FLIGHT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
             max_tcp_pipeline: DEFAULT_MAX_TCP_PIPELINE,
+            udp_payload: UdpPayload::default(),
         }
     }
 }
@@ -360,7 +364,7 @@ fn read_ready<H: RequestHandler>(
                 let started = std::time::Instant::now();
                 let at = batch.destinations.len() * FAST_REPLY_MAX;
                 let out = &mut batch.replies[at..at + FAST_REPLY_MAX];
-                if let Some(answer) = fast::answer(table, query, batch.rotation, out) {
+                if let Some(answer) = fast::answer(table, query, batch.rotation, shared.settings.udp_payload, out) {
                     batch.rotation = batch.rotation.wrapping_add(1);
                     batch.destinations.push((answer.len, src));
                     debug!(client = %src, name = %fast::QuestionName(query), qtype = %answer.qtype, outcome = answer.rule.as_str(), rcode = %ResponseCode::NoError, elapsed_us = started.elapsed().as_micros() as u64, path = "fast", "query");
@@ -493,10 +497,6 @@ fn udp_datagram<H: RequestHandler>(
     shared: &Arc<Shared<H>>,
     tasks: &mut JoinSet<()>,
 ) {
-    let responder = UdpResponder {
-        socket: Arc::clone(socket),
-        dst: src,
-    };
     let incoming = if tasks.len() >= shared.settings.max_udp_in_flight {
         overloaded(bytes, src, &shared.settings.metrics)
     } else {
@@ -504,6 +504,7 @@ fn udp_datagram<H: RequestHandler>(
     };
     match incoming {
         Incoming::Query(request) => {
+            let responder = UdpResponder::new(Arc::clone(socket), &request, shared.settings.udp_payload);
             let shared = Arc::clone(shared);
             tasks.spawn(async move {
                 shared.handler.handle_request::<_, TokioTime>(&request, responder).await;
@@ -543,7 +544,7 @@ fn relay_datagram<H: RequestHandler>(
             }
             Relayed::Declined => match incoming(&query, src, Transport::Udp, &shared.settings.metrics) {
                 Incoming::Query(request) => {
-                    let responder = UdpResponder { socket, dst: src };
+                    let responder = UdpResponder::new(socket, &request, shared.settings.udp_payload);
                     shared.handler.handle_request::<_, TokioTime>(&request, responder).await;
                 }
                 Incoming::Reply(reply) => {
@@ -741,6 +742,11 @@ pub fn incoming(bytes: &[u8], src: SocketAddr, transport: Transport, metrics: &M
         metrics.dropped(transport, DropReason::Response);
         return Incoming::Dropped;
     }
+    // Only the header of a query of another opcode is meshdns's to read.
+    if bytes[2] & OPCODE_MASK != 0 {
+        metrics.malformed(transport, MalformedReason::Opcode);
+        return bare(bytes, RCODE_NOTIMP);
+    }
     let protocol = match transport {
         Transport::Udp => Protocol::Udp,
         Transport::Tcp => Protocol::Tcp,
@@ -751,30 +757,24 @@ pub fn incoming(bytes: &[u8], src: SocketAddr, transport: Transport, metrics: &M
         Request::from_bytes(bytes.to_vec(), src, protocol).map_err(|e| e.to_string())
     };
     match decoded {
-        Ok(request) => {
-            // The handler answers these NOTIMP and FORMERR; they are counted here because they
-            // never reach a lookup.
-            if request.metadata.op_code != OpCode::Query {
-                metrics.malformed(transport, MalformedReason::Opcode);
-            } else if request.queries.queries().len() != 1 {
-                metrics.malformed(transport, MalformedReason::QuestionCount);
-            }
-            Incoming::Query(Box::new(request))
+        Ok(request) if request.queries.queries().len() != 1 => {
+            metrics.malformed(transport, MalformedReason::QuestionCount);
+            bare(bytes, RCODE_FORMERR)
         }
+        Ok(request) => Incoming::Query(Box::new(request)),
         Err(error) => {
             debug!(client = %src, %error, "undecodable query; answering FORMERR");
             metrics.malformed(transport, MalformedReason::Undecodable);
-            let mut metadata = Metadata::response_from_request(&header.metadata);
-            metadata.response_code = ResponseCode::FormErr;
-            let header = Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            };
-            match header.to_bytes() {
-                Ok(reply) => Incoming::Reply(reply),
-                Err(_) => Incoming::Dropped,
-            }
+            bare(bytes, RCODE_FORMERR)
         }
+    }
+}
+
+/// A header-only reply ([`wire::bare_reply`]).
+fn bare(query: &[u8], rcode: u8) -> Incoming {
+    match wire::bare_reply(query, rcode) {
+        Some(reply) => Incoming::Reply(reply.to_vec()),
+        None => Incoming::Dropped,
     }
 }
 
@@ -794,14 +794,17 @@ pub struct Encoded {
     pub fell_back: bool,
 }
 
-/// The largest UDP answer a client takes: 512 bytes without EDNS (RFC 1035), else the size it
-/// advertised (at least 512).
-pub fn udp_limit(edns: Option<&Edns>) -> u16 {
-    edns.map_or(MIN_UDP_PAYLOAD, |edns| edns.max_payload().max(MIN_UDP_PAYLOAD))
+/// The largest UDP answer for `request` under `payload` ([`UdpPayload::limit`]).
+pub fn udp_limit(request: &Request, payload: UdpPayload) -> u16 {
+    payload.limit(request.edns.as_ref().map(Edns::max_payload))
 }
 
-/// Serializes a response, truncated (TC) to `max_size`; an answer that cannot be encoded at all
-/// becomes a bare SERVFAIL. Public for the fuzz targets, which encode as the server does.
+/// Serializes a response, truncated to whole records (TC, [`wire::truncate`]) when it is
+/// longer than `max_size`; an answer that cannot be encoded at all becomes a bare SERVFAIL.
+/// Public for the fuzz targets, which encode as the server does.
+///
+/// hickory's encoder is given no limit: its own truncation stops in the middle of the record
+/// that does not fit and leaves the part written, bytes that strict clients reject.
 pub fn encode<'a>(
     response: MessageResponse<
         '_,
@@ -817,8 +820,16 @@ pub fn encode<'a>(
     let op_code = response.metadata().op_code;
     let mut bytes = Vec::with_capacity(usize::from(MIN_UDP_PAYLOAD));
     let mut encoder = BinEncoder::new(&mut bytes);
-    encoder.set_max_size(max_size);
-    match response.destructive_emit(&mut encoder) {
+    let emitted = response.destructive_emit(&mut encoder).and_then(|info| {
+        if bytes.len() <= usize::from(max_size) {
+            return Ok(info);
+        }
+        wire::truncate(&mut bytes, usize::from(max_size)).ok_or(hickory_proto::ProtoError::Message(
+            "the reply does not truncate to whole records",
+        ))?;
+        Ok(ResponseInfo::from(Header::read(&mut BinDecoder::new(&bytes))?))
+    });
+    match emitted {
         Ok(info) => Ok(Encoded {
             info,
             bytes,
@@ -841,11 +852,23 @@ pub fn encode<'a>(
     }
 }
 
-/// Sends answers to one UDP client from the socket its query came in on.
+/// Sends answers to one UDP client from the socket its query came in on, each cut to what the
+/// client takes.
 #[derive(Clone)]
 struct UdpResponder {
     socket: Arc<UdpSocket>,
     dst: SocketAddr,
+    limit: u16,
+}
+
+impl UdpResponder {
+    fn new(socket: Arc<UdpSocket>, request: &Request, payload: UdpPayload) -> Self {
+        Self {
+            socket,
+            dst: request.src(),
+            limit: udp_limit(request, payload),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -861,8 +884,7 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let max = udp_limit(response.edns());
-        let Encoded { info, bytes, .. } = encode(response, max)?;
+        let Encoded { info, bytes, .. } = encode(response, self.limit)?;
         self.socket.send_to(&bytes, self.dst).await?;
         Ok(info)
     }

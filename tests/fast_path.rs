@@ -1,7 +1,8 @@
 //! The UDP fast path must answer exactly as the full path does. Two servers share one table and
 //! one handler setup, one with the fast path and one without; every question below goes to
-//! both and the replies must agree in everything but the order of address records (both
-//! paths spread load by varying it).
+//! both and the replies must agree byte for byte in everything but name compression and the
+//! order of address records (both paths spread load by varying it), and each must pass the
+//! strict reply check (`support::strict`).
 
 mod support;
 
@@ -18,6 +19,7 @@ use meshdns::server::{DnsServer, ServerSettings};
 use meshdns::upstream::{Forward, ForwardError, Transport};
 use support::compare::{canonical, demo_table, mixed_case};
 use support::dns::{Proto, exchange_raw, query_msg};
+use support::strict::assert_reply;
 
 /// Forwarding answers SERVFAIL on both paths; this test is about table answers.
 struct NoUpstream;
@@ -75,6 +77,7 @@ async fn fast_and_full_paths_give_the_same_answers() {
                     (Some(512), false),
                     (Some(1232), true),
                     (Some(100), false),
+                    (Some(4096), false),
                 ] {
                     let mut msg = query_msg(&spelled, qtype, edns, dnssec_ok);
                     msg.metadata.checking_disabled = dnssec_ok;
@@ -85,6 +88,8 @@ async fn fast_and_full_paths_give_the_same_answers() {
                     let (Some(a), Some(b)) = (a, b) else {
                         panic!("{spelled} {qtype} {edns:?}: no reply from one of the paths");
                     };
+                    assert_reply(&bytes, &a, true);
+                    assert_reply(&bytes, &b, true);
                     assert_eq!(
                         canonical(&a),
                         canonical(&b),
@@ -92,7 +97,9 @@ async fn fast_and_full_paths_give_the_same_answers() {
                     );
                     compared += 1;
                     let mut out = [0u8; 4096];
-                    if meshdns::fast::answer(&table.load(), &bytes, 0, &mut out).is_some() {
+                    if meshdns::fast::answer(&table.load(), &bytes, 0, meshdns::wire::UdpPayload::default(), &mut out)
+                        .is_some()
+                    {
                         fast_answered += 1;
                     }
                 }

@@ -1,7 +1,8 @@
 //! The UDP relay (`meshdns::relay`) must answer forwarded questions exactly as the full path
 //! does. For each upstream behaviour below, two servers forward to the same fake upstreams with
 //! the same timeouts, one with the relay and one without; every question goes to both and the
-//! decoded replies must agree (address records in canonical order).
+//! replies must agree byte for byte (names expanded, records of a section in canonical order),
+//! and each must pass the strict reply check.
 
 mod support;
 
@@ -20,6 +21,7 @@ use meshdns::server::{DnsServer, ServerSettings};
 use meshdns::upstream::{Forwarder, UpstreamConfig};
 use support::compare::{canonical, demo_table, mixed_case};
 use support::dns::{Proto, exchange_raw, query_msg};
+use support::strict::assert_reply;
 use support::upstream::{Behavior, FakeUpstream, Spoof, closed_port_addr};
 
 /// Short, so the silent and garbage upstreams end in SERVFAIL quickly.
@@ -165,7 +167,7 @@ async fn relay_and_full_path_give_the_same_answers() {
                     let mut msg = query_msg(&spelled, qtype, edns, dnssec_ok);
                     msg.metadata.checking_disabled = dnssec_ok;
                     let bytes = msg.to_vec().unwrap();
-                    if relay::plan(&table.load(), &bytes, false).is_some() {
+                    if relay::plan(&table.load(), &bytes, false, meshdns::wire::UdpPayload::default()).is_some() {
                         relayed_plans += 1;
                     }
                     let (a, b) = tokio::join!(
@@ -178,6 +180,8 @@ async fn relay_and_full_path_give_the_same_answers() {
                             case.name
                         );
                     };
+                    assert_reply(&bytes, &a, true);
+                    assert_reply(&bytes, &b, true);
                     assert_eq!(
                         canonical(&a),
                         canonical(&b),
@@ -209,7 +213,7 @@ fn the_relay_takes_only_names_the_full_path_would_forward() {
     let table = table.load();
     let plan = |name: &str, qtype| {
         let bytes = query_msg(name, qtype, Some(1232), false).to_vec().unwrap();
-        relay::plan(&table, &bytes, true).is_some()
+        relay::plan(&table, &bytes, true, meshdns::wire::UdpPayload::default()).is_some()
     };
     for name in [
         "helloworld.helloworld.svc.cluster.local.",
@@ -308,6 +312,8 @@ async fn cache_hits_are_the_same_on_both_paths() {
                     let (Some(a), Some(b)) = (a, b) else {
                         panic!("{behavior:?}: {spelled} {qtype} {edns:?}: no reply from one of the paths");
                     };
+                    assert_reply(&bytes, &a, true);
+                    assert_reply(&bytes, &b, true);
                     // Both entries were stored within milliseconds, but a second may tick
                     // between them: TTLs are compared to the second, the rest exactly.
                     let (ta, tb) = (ttls(&a), ttls(&b));

@@ -32,17 +32,12 @@ pub fn demo_table() -> SharedTable {
     Arc::new(ArcSwap::from_pointee(Table::build(&settings, &inputs, 1).0))
 }
 
-/// A reply with the order of records inside each section made canonical.
+/// A strictly read reply in byte form with the order of records inside each section made
+/// canonical and names expanded ([`super::strict::wire_form`]); hickory's decoding is also
+/// required to succeed, as the clients of the two paths decode with it.
 pub fn canonical(bytes: &[u8]) -> String {
-    let mut msg = Message::from_vec(bytes).expect("reply parses");
-    let sort = |records: &mut Vec<hickory_proto::rr::Record>| records.sort_by_key(ToString::to_string);
-    sort(&mut msg.answers);
-    sort(&mut msg.authorities);
-    sort(&mut msg.additionals);
-    format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        msg.metadata, msg.queries, msg.answers, msg.authorities, msg.additionals, msg.edns
-    )
+    Message::from_vec(bytes).expect("reply parses");
+    super::strict::wire_form(bytes)
 }
 
 /// Spells `name` in mixed case, as 0x20-randomising resolvers do.

@@ -64,12 +64,14 @@ pub async fn exchange_raw(addr: SocketAddr, proto: Proto, bytes: &[u8], wait: Du
     tokio::time::timeout(wait, fut).await.ok().flatten()
 }
 
-/// Sends a query message and parses the reply, checking that it answers this query's ID.
+/// Sends a query message and parses the reply, after checking it strictly
+/// ([`super::strict::assert_reply`]): it reads whole and answers this query.
 pub async fn exchange(addr: SocketAddr, proto: Proto, msg: &Message) -> Message {
     let bytes = msg.to_vec().expect("encode query");
     let reply = exchange_raw(addr, proto, &bytes, CLIENT_TIMEOUT)
         .await
         .unwrap_or_else(|| panic!("no reply over {proto:?} for {:?}", msg.queries));
+    super::strict::assert_reply(&bytes, &reply, proto == Proto::Udp);
     let reply = Message::from_vec(&reply).expect("reply parses");
     assert_eq!(reply.metadata.id, msg.metadata.id, "reply ID");
     reply

@@ -7,4 +7,5 @@ pub mod compare;
 pub mod dns;
 pub mod process;
 pub mod proxy;
+pub mod strict;
 pub mod upstream;
