@@ -14,6 +14,8 @@ pub const START_WAIT: Duration = Duration::from_secs(20);
 pub struct Meshdns {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The thread reading stderr; it ends at the process's exit, once every line is in.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Meshdns {
@@ -30,12 +32,16 @@ impl Meshdns {
         let stderr = child.stderr.take().expect("stderr is piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        Meshdns { child, lines }
+        Meshdns {
+            child,
+            lines,
+            reader: Some(reader),
+        }
     }
 
     /// Starts `meshdns ARGS` (which should include `--listen 127.0.0.1:0`) and waits until it
@@ -90,11 +96,16 @@ impl Meshdns {
         assert!(status.success(), "kill -s {name}");
     }
 
-    /// Waits for the process to exit; panics after `limit`.
+    /// Waits for the process to exit and for its last log lines to be read; panics after
+    /// `limit`. (An exited process's lines may still be in the pipe: reading the log right
+    /// after `try_wait` raced the reader thread.)
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for meshdns") {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(
