@@ -399,23 +399,42 @@ impl Config {
         if negative_ttl > MAX_TTL {
             problems.push("negativeTtl", format!("{negative_ttl} is above the maximum {MAX_TTL}"));
         }
-        let mut duration = |field: &str, value: Option<String>, default: Duration, zero_ok: bool| match value {
+        // Every duration has a sane range: an absurd value (`18446744073709551615s`) would pass
+        // parsing and then overflow the first timer built from it.
+        let mut duration = |field: &str, value: Option<String>, default: Duration, range: DurationRange| match value {
             None => default,
-            Some(s) => match parse_duration(&s).filter(|d| zero_ok || !d.is_zero()) {
-                Some(d) => d,
+            Some(s) => match parse_duration(&s) {
+                Some(d) if range.contains(d) => d,
+                Some(_) => {
+                    problems.push(field, format!("{s:?} is outside {range}"));
+                    default
+                }
                 None => {
-                    let like = if zero_ok { "10s or 0s" } else { "2s or 500ms" };
-                    let kind = if zero_ok { "a duration" } else { "a positive duration" };
-                    problems.push(field, format!("{s:?} is not {kind} like {like}"));
+                    problems.push(field, format!("{s:?} is not a duration like 2s, 500ms or 1m"));
                     default
                 }
             },
         };
-        let upstream_timeout = duration("upstreamTimeout", file.upstream_timeout, DEFAULT_TRY_TIMEOUT, false);
-        let upstream_deadline = duration("upstreamDeadline", file.upstream_deadline, DEFAULT_DEADLINE, false);
-        let tcp_idle_timeout = duration("tcpIdleTimeout", file.tcp_idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT, false);
-        let startup_wait = duration("startupWait", file.startup_wait, DEFAULT_STARTUP_WAIT, true);
-        let drain_timeout = duration("drainTimeout", file.drain_timeout, DEFAULT_DRAIN_TIMEOUT, true);
+        let upstream_timeout = duration(
+            "upstreamTimeout",
+            file.upstream_timeout,
+            DEFAULT_TRY_TIMEOUT,
+            UPSTREAM_TIMES,
+        );
+        let upstream_deadline = duration(
+            "upstreamDeadline",
+            file.upstream_deadline,
+            DEFAULT_DEADLINE,
+            UPSTREAM_TIMES,
+        );
+        let tcp_idle_timeout = duration(
+            "tcpIdleTimeout",
+            file.tcp_idle_timeout,
+            DEFAULT_TCP_IDLE_TIMEOUT,
+            TCP_IDLE_TIMES,
+        );
+        let startup_wait = duration("startupWait", file.startup_wait, DEFAULT_STARTUP_WAIT, WAIT_TIMES);
+        let drain_timeout = duration("drainTimeout", file.drain_timeout, DEFAULT_DRAIN_TIMEOUT, WAIT_TIMES);
         let max_udp_payload = match file.max_udp_payload {
             None => UdpPayload::default(),
             Some(size) => UdpPayload::new(size).unwrap_or_else(|| {
@@ -636,6 +655,47 @@ pub fn parse_upstream(s: &str) -> Option<SocketAddr> {
 }
 
 /// `500ms`, `2s`, `1m`.
+/// The accepted values of a duration setting, both ends included.
+#[derive(Clone, Copy, Debug)]
+struct DurationRange {
+    min: Duration,
+    max: Duration,
+}
+
+impl DurationRange {
+    fn contains(self, d: Duration) -> bool {
+        self.min <= d && d <= self.max
+    }
+}
+
+impl std::fmt::Display for DurationRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |d: Duration| match d.as_millis() {
+            ms if ms % 60_000 == 0 && ms > 0 => format!("{}m", ms / 60_000),
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
+        write!(f, "the range {} to {}", show(self.min), show(self.max))
+    }
+}
+
+/// Upstream attempts and deadlines: at least 10 ms (loopback upstreams answer in well under
+/// that), at most a minute (stub resolvers gave up long before).
+const UPSTREAM_TIMES: DurationRange = DurationRange {
+    min: Duration::from_millis(10),
+    max: Duration::from_secs(60),
+};
+/// TCP idle: long enough for one round trip, at most an hour of a held connection.
+const TCP_IDLE_TIMES: DurationRange = DurationRange {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(3600),
+};
+/// Start-up wait and drain: 0 (do not wait) to ten minutes (beyond any pod's grace period).
+const WAIT_TIMES: DurationRange = DurationRange {
+    min: Duration::ZERO,
+    max: Duration::from_secs(600),
+};
+
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
@@ -718,6 +778,42 @@ clusters:
         );
         assert_eq!(cfg.upstream_timeout, DEFAULT_TRY_TIMEOUT);
         assert_eq!(cfg.worker_threads, 1);
+    }
+
+    #[test]
+    fn durations_outside_their_range_are_errors_naming_the_field() {
+        let base = "clusters: [{name: c1, local: true, objects: a}]\n";
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            (
+                "tcpIdleTimeout",
+                "18446744073709551615s",
+                Some("outside the range 100ms to 60m"),
+            ),
+            ("tcpIdleTimeout", "18446744073709551616s", Some("not a duration")),
+            ("tcpIdleTimeout", "0s", Some("outside")),
+            ("tcpIdleTimeout", "10s", None),
+            ("upstreamTimeout", "0ms", Some("outside the range 10ms to 1m")),
+            ("upstreamTimeout", "2s", None),
+            ("upstreamDeadline", "9999m", Some("outside")),
+            ("upstreamDeadline", "4s", None),
+            ("startupWait", "0s", None),
+            ("startupWait", "11m", Some("outside the range 0s to 10m")),
+            ("drainTimeout", "5", Some("not a duration")),
+            ("drainTimeout", "20s", None),
+        ];
+        for &(field, value, want) in cases {
+            let got = build(&format!("{base}{field}: \"{value}\"\n"));
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (Some(want), Err(ConfigError::Invalid { problems, .. })) => {
+                    assert!(
+                        problems.iter().any(|p| p.field == field && p.message.contains(want)),
+                        "{field}: {value}: {problems:?}"
+                    );
+                }
+                (want, got) => panic!("{field}: {value}: want {want:?}, got {got:?}"),
+            }
+        }
     }
 
     #[test]

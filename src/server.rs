@@ -657,9 +657,11 @@ async fn connection<H: RequestHandler>(
         while queries.len() < pipeline
             && let Some(message) = take_frame(&mut buf)
         {
-            idle_until = Instant::now() + idle;
             match incoming(&message, src, Transport::Tcp, &shared.settings.metrics) {
                 Incoming::Query(request) => {
+                    // Only a real query restarts the idle timer: empty or garbage frames sent
+                    // every second must not hold a connection (and its task) for ever.
+                    idle_until = Instant::now() + idle;
                     let shared = Arc::clone(&shared);
                     let responder = responder.clone();
                     queries.spawn(async move {
@@ -671,8 +673,17 @@ async fn connection<H: RequestHandler>(
                         debug!(client = %src, %error, "cannot send error response");
                         break 'serve;
                     }
+                    // A frame that is not a DNS message (FORMERR) ends the stream: what follows
+                    // it cannot be trusted to be framed either. NOTIMP is a well-formed query.
+                    if reply.get(3).is_some_and(|&b| b & 0x0F == RCODE_FORMERR) {
+                        debug!(client = %src, "undecodable TCP frame; closing the connection");
+                        break 'serve;
+                    }
                 }
-                Incoming::Dropped => {}
+                Incoming::Dropped => {
+                    debug!(client = %src, "TCP frame that is not a query; closing the connection");
+                    break 'serve;
+                }
             }
         }
         let draining = *stop.borrow();

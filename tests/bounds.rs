@@ -223,6 +223,79 @@ async fn idle_and_trickling_tcp_clients_are_dropped_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn only_real_queries_keep_a_tcp_connection_and_garbage_frames_close_it() {
+    let forwarder = SlowForwarder::new(Duration::ZERO);
+    let idle = Duration::from_millis(400);
+    let limits = Limits {
+        idle,
+        udp_in_flight: 64,
+        tcp_connections: 8,
+        tcp_pipeline: 4,
+    };
+    let (server, addr) = server(&forwarder, limits).await;
+
+    // Empty frames: not a DNS message; the connection is closed at once, not kept.
+    let mut empty = TcpStream::connect(addr).await.unwrap();
+    empty.write_all(&[0, 0]).await.unwrap();
+    assert!(
+        closed_within(&mut empty, idle / 2).await,
+        "an empty frame closes the connection"
+    );
+
+    // A frame with a header but nothing decodable after it: FORMERR, then closed.
+    let mut garbage = TcpStream::connect(addr).await.unwrap();
+    garbage
+        .write_all(&[0, 14, 0xAB, 0xCD, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 9, b'x'])
+        .await
+        .unwrap();
+    let len = garbage.read_u16().await.expect("a FORMERR comes first");
+    let mut reply = vec![0u8; usize::from(len)];
+    garbage.read_exact(&mut reply).await.unwrap();
+    assert_eq!((reply[..2].to_vec(), reply[3] & 0x0F), (vec![0xAB, 0xCD], 1), "FORMERR");
+    assert!(
+        closed_within(&mut garbage, idle / 2).await,
+        "then the connection is closed"
+    );
+
+    // Well-formed queries of another opcode every 100 ms: each answered NOTIMP, but none
+    // restarts the idle timer, so the connection ends after the idle timeout all the same.
+    let mut notimp = TcpStream::connect(addr).await.unwrap();
+    let mut query = query_msg(LOCAL, RecordType::A, None, false).to_vec().unwrap();
+    query[2] |= 2 << 3;
+    let started = Instant::now();
+    let mut closed_after = None;
+    while started.elapsed() < idle * 4 {
+        let len = u16::try_from(query.len()).unwrap().to_be_bytes();
+        if notimp.write_all(&[&len[..], &query].concat()).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), notimp.read_u16()).await {
+            Ok(Ok(len)) => {
+                let mut reply = vec![0u8; usize::from(len)];
+                if notimp.read_exact(&mut reply).await.is_err() {
+                    closed_after = Some(started.elapsed());
+                    break;
+                }
+                assert_eq!(reply[3] & 0x0F, 4, "NOTIMP");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(_)) => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let closed_after = closed_after.expect("NOTIMP queries do not hold the connection");
+    assert!(
+        closed_after < idle * 2,
+        "closed after {closed_after:?}; idle timeout {idle:?}"
+    );
+    server.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
 async fn one_connection_has_at_most_the_pipeline_cap_in_flight_and_gets_every_answer() {
     let forwarder = SlowForwarder::new(Duration::from_millis(100));
     let limits = Limits {
