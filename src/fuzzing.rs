@@ -1066,7 +1066,7 @@ pub fn relay_reply(data: &[u8]) {
     let (Ok((client_id, expected)), [i0, i1, ..]) = (parse_query(query), upstream) else {
         return;
     };
-    let Ok(accepted) = check_reply(upstream, u16::from_be_bytes([*i0, *i1]), &expected) else {
+    let Ok(accepted) = check_reply(upstream, u16::from_be_bytes([*i0, *i1]), &expected, Transport::Udp) else {
         return;
     };
     let client = Message::from_vec(query).ok();

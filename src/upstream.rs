@@ -496,7 +496,7 @@ async fn exchange_udp(
             }
         });
         let Some(buf) = received? else { continue };
-        match check_reply(&buf, id, expected) {
+        match check_reply(&buf, id, expected, Transport::Udp) {
             Ok(message) => return Ok(Relayed { message, wire: buf }),
             Err(detail) => {
                 trace!(%upstream, %detail, "dropped UDP reply");
@@ -529,7 +529,7 @@ async fn exchange_tcp(
         let len = usize::from(stream.read_u16().await?);
         let mut buf = vec![0u8; len];
         stream.read_exact(&mut buf).await?;
-        match check_reply(&buf, id, expected) {
+        match check_reply(&buf, id, expected, Transport::Tcp) {
             Ok(message) => return Ok(Relayed { message, wire: buf }),
             Err(detail) => {
                 trace!(%upstream, %detail, "dropped TCP reply");
@@ -553,8 +553,10 @@ fn truncated_header(bytes: &[u8]) -> Option<Message> {
 }
 
 /// Accepts `bytes` only if it is a response to exactly our question with our
-/// ID; the reason for rejection otherwise.
-pub(crate) fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Message, String> {
+/// ID; the reason for rejection otherwise. The header-only reading of a reply cut with TC
+/// ([`truncated_header`]) is for UDP only: over TCP nothing is retried, so a cut reply there is
+/// a bad reply, never a TC header to pass on.
+pub(crate) fn check_reply(bytes: &[u8], id: u16, expected: &Query, transport: Transport) -> Result<Message, String> {
     // ID first, from the raw bytes: a flood of spoofs should not cost a full
     // parse each.
     let [hi, lo, ..] = bytes else {
@@ -565,7 +567,11 @@ pub(crate) fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Mes
     }
     let reply = match Message::from_vec(bytes) {
         Ok(reply) => reply,
-        Err(error) => return truncated_header(bytes).ok_or_else(|| format!("unparseable reply: {error}")),
+        Err(error) => {
+            return truncated_header(bytes)
+                .filter(|_| transport == Transport::Udp)
+                .ok_or_else(|| format!("unparseable reply: {error}"));
+        }
     };
     if reply.metadata.message_type != MessageType::Response {
         return Err("reply is not a response".into());
@@ -582,4 +588,28 @@ pub(crate) fn check_reply(bytes: &[u8], id: u16, expected: &Query) -> Result<Mes
         return Err(format!("reply question {question} does not match {expected}"));
     }
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    #[test]
+    fn a_reply_cut_with_tc_is_a_retry_over_udp_and_a_bad_reply_over_tcp() {
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        let question = Query::query(name.clone(), RecordType::A);
+        let mut reply = Message::new(7, MessageType::Response, hickory_proto::op::OpCode::Query);
+        reply.metadata.truncation = true;
+        reply.add_query(question.clone());
+        reply.add_answer(Record::from_rdata(name, 30, RData::A(A::new(192, 0, 2, 1))));
+        let whole = reply.to_vec().unwrap();
+        let cut = &whole[..whole.len() - 2];
+        let udp = check_reply(cut, 7, &question, Transport::Udp).expect("UDP: the header, to retry over TCP");
+        assert!(udp.metadata.truncation && udp.answers.is_empty());
+        let tcp = check_reply(cut, 7, &question, Transport::Tcp).expect_err("TCP: nothing to retry");
+        assert!(tcp.contains("unparseable"), "{tcp}");
+        assert!(check_reply(&whole, 7, &question, Transport::Tcp).is_ok());
+    }
 }
