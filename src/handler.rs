@@ -100,8 +100,9 @@ impl<F: Forward> DnsHandler<F> {
     }
 
     /// Fetches the addresses of an alias target from upstream, so that stub resolvers, which do
-    /// not chase CNAMEs themselves, get the whole chain in one answer.
-    async fn chase(&self, answer: &mut LocalAnswer, target: &Name, qtype: RecordType) {
+    /// not chase CNAMEs themselves, get the whole chain in one answer. Returns whether the
+    /// answer now holds data fetched from upstream, which meshdns is not authoritative for.
+    async fn chase(&self, answer: &mut LocalAnswer, target: &Name, qtype: RecordType) -> bool {
         // An alias into the cluster (an ExternalName pointing at another service) is answered
         // from the table itself.
         if let Resolution::Local(local) = lookup::resolve(&self.table.load(), target, qtype)
@@ -110,7 +111,7 @@ impl<F: Forward> DnsHandler<F> {
             answer.answers.extend(local.answers);
             answer.rcode = local.rcode;
             answer.soa = local.soa;
-            return;
+            return false;
         }
         let mut msg = Message::query();
         msg.metadata.id = rand::random();
@@ -127,12 +128,12 @@ impl<F: Forward> DnsHandler<F> {
             Err(error) => {
                 warn!(%error, "cannot encode alias chase query");
                 answer.rcode = ResponseCode::ServFail;
-                return;
+                return false;
             }
         };
         match reply {
             Ok(reply) => {
-                answer.answers.extend(reply.answers);
+                answer.answers.extend(alias_chain(reply.answers, target, qtype));
                 // The alias exists; whether its target does is the upstream's to say.
                 answer.rcode = reply.metadata.response_code;
                 // A negative answer about the target carries the target zone's SOA, which
@@ -147,7 +148,41 @@ impl<F: Forward> DnsHandler<F> {
                 answer.rcode = ResponseCode::ServFail;
             }
         }
+        true
     }
+}
+
+/// Of an upstream's answer records, the chain that answers `qtype` about `target`: the CNAMEs
+/// from `target` on, then the records of the asked type owned by where the chain ends. An
+/// upstream's other records (unrelated names, another type) are not the alias's to pass on
+/// under meshdns's answer.
+fn alias_chain(records: Vec<Record>, target: &Name, qtype: RecordType) -> Vec<Record> {
+    let mut chain = Vec::new();
+    let mut owner = target.clone();
+    // Each step takes a CNAME out of the records, so this ends.
+    for _ in 0..records.len() {
+        let Some(cname) = records
+            .iter()
+            .find(|r| r.name == owner && r.record_type() == RecordType::CNAME)
+        else {
+            break;
+        };
+        let hickory_proto::rr::RData::CNAME(next) = &cname.data else {
+            break;
+        };
+        let next = next.0.clone();
+        chain.push(cname.clone());
+        if chain.iter().any(|r: &Record| r.name == next) {
+            break;
+        }
+        owner = next;
+    }
+    chain.extend(records.into_iter().filter(|r| {
+        r.name == owner
+            && (r.record_type() == qtype || qtype == RecordType::ANY)
+            && r.record_type() != RecordType::CNAME
+    }));
+    chain
 }
 
 /// The EDNS section of a response: present when the query had one, version 0, advertising
@@ -231,12 +266,15 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
 
         match resolution {
             Resolution::Local(mut answer) => {
-                if let Some(target) = answer.chase.take() {
-                    self.chase(&mut answer, &target, qtype).await;
-                }
+                let fetched = match answer.chase.take() {
+                    Some(target) => self.chase(&mut answer, &target, qtype).await,
+                    None => false,
+                };
                 lookup::shuffle_addresses(&mut answer.answers, &mut rand::rng());
                 let mut metadata = Metadata::response_from_request(&request.metadata);
-                metadata.authoritative = true;
+                // AA only for what the table holds: an alias target's records came from
+                // upstream (RFC 1034 4.3.2: authoritative data only).
+                metadata.authoritative = !fetched;
                 metadata.recursion_available = true;
                 metadata.response_code = answer.rcode;
                 let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
@@ -310,6 +348,73 @@ async fn send<'a, R: ResponseHandler>(
         Err(error) => {
             debug!(client = %request.src(), %error, "cannot send response");
             failed(request, ResponseCode::ServFail)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::RData;
+    use hickory_proto::rr::rdata::{A, CNAME};
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    fn cname(from: &str, to: &str) -> Record {
+        Record::from_rdata(name(from), 30, RData::CNAME(CNAME(name(to))))
+    }
+
+    fn a(owner: &str, last: u8) -> Record {
+        Record::from_rdata(name(owner), 30, RData::A(A::new(192, 0, 2, last)))
+    }
+
+    #[test]
+    fn an_alias_chase_keeps_the_chain_and_nothing_else() {
+        let target = "www.example.test.";
+        let shown = |records: Vec<Record>| records.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let cases: Vec<(&str, Vec<Record>, Vec<Record>)> = vec![
+            (
+                "addresses of the target",
+                vec![a(target, 1), a(target, 2)],
+                vec![a(target, 1), a(target, 2)],
+            ),
+            (
+                "a CNAME chain, then its end's addresses",
+                vec![
+                    cname(target, "edge.cdn.test."),
+                    cname("edge.cdn.test.", "e1.cdn.test."),
+                    a("e1.cdn.test.", 3),
+                ],
+                vec![
+                    cname(target, "edge.cdn.test."),
+                    cname("edge.cdn.test.", "e1.cdn.test."),
+                    a("e1.cdn.test.", 3),
+                ],
+            ),
+            (
+                "unrelated names the upstream added are dropped",
+                vec![a("evil.example.", 9), a(target, 1), cname("other.test.", "x.test.")],
+                vec![a(target, 1)],
+            ),
+            (
+                "an address of a name the chain does not end at is dropped",
+                vec![cname(target, "edge.cdn.test."), a(target, 7), a("edge.cdn.test.", 4)],
+                vec![cname(target, "edge.cdn.test."), a("edge.cdn.test.", 4)],
+            ),
+            (
+                "a CNAME loop ends",
+                vec![cname(target, "b.test."), cname("b.test.", target)],
+                vec![cname(target, "b.test."), cname("b.test.", target)],
+            ),
+        ];
+        for (what, records, want) in cases {
+            assert_eq!(
+                shown(alias_chain(records, &name(target), RecordType::A)),
+                shown(want),
+                "{what}"
+            );
         }
     }
 }

@@ -219,7 +219,7 @@ fn cases() -> Vec<Case> {
             NoError,
             &["A 192.0.2.10", "CNAME www.example.test."],
             &[],
-            true,
+            false, // the target's records are fetched: not authoritative
         ),
         c(
             "ExternalName to a name that does not resolve: upstream's rcode",
@@ -228,7 +228,7 @@ fn cases() -> Vec<Case> {
             NXDomain,
             &["CNAME nowhere.example.test."],
             &[],
-            true,
+            false, // the target's records are fetched: not authoritative
         ),
         c(
             "ExternalName into the cluster: chased in the table",
