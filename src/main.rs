@@ -173,12 +173,28 @@ fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
 }
 
 fn serve(config: Config, reload_from: Option<(PathBuf, Overrides)>) -> ExitCode {
+    raise_open_file_limit();
     let Some(runtime) = runtime(config.worker_threads) else {
         return ExitCode::from(EXIT_RUNTIME);
     };
     let code = runtime.block_on(run(config, reload_from));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     code
+}
+
+/// Raises the soft limit on open files to the hard one: every forwarded query holds a socket
+/// until its answer, every TCP client a connection, and the default soft limit of 1024 is
+/// below what `limits.udpInFlight` plus `limits.tcpConnections` may need under load.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(error) => warn!(soft, hard, %error, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-file limit"),
+        Err(error) => warn!(%error, "cannot read the open-file limit"),
+    }
 }
 
 fn iptables(args: &meshdns::iptables::IptablesArgs) -> ExitCode {

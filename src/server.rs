@@ -82,8 +82,19 @@ pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 128;
 /// Default for [`ServerSettings::max_tcp_pipeline`] (glibc pipelines A and AAAA).
 pub const DEFAULT_MAX_TCP_PIPELINE: usize = 16;
 
+/// Whether binding `addr` failed because its address family is not there: no IPv6 in the
+/// kernel (EAFNOSUPPORT), or IPv6 disabled so that `::1` is not on the loopback interface.
+fn family_unavailable(addr: SocketAddr, error: &io::Error) -> bool {
+    let errno = error.raw_os_error();
+    addr.is_ipv6()
+        && (errno == Some(nix::errno::Errno::EAFNOSUPPORT as i32)
+            || (errno == Some(nix::errno::Errno::EADDRNOTAVAIL as i32) && addr.ip().is_loopback()))
+}
+
 #[derive(Debug, Error)]
 pub enum ServerError {
+    #[error("no listen address could be bound")]
+    NoAddress,
     #[error("cannot listen on {addr} ({proto}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -176,7 +187,18 @@ impl DnsServer {
             if !addr.ip().is_loopback() {
                 warn!(%addr, "listening on a non-loopback address: meshdns will answer (and forward for) other hosts");
             }
-            sockets.push(bind_pair(addr).await?);
+            match bind_pair(addr).await {
+                Ok(pair) => sockets.push(pair),
+                // The manifests listen on 127.0.0.1 and [::1]; a node without IPv6 must not
+                // lose DNS for that. Any other failure is the operator's to see.
+                Err(ServerError::Bind { source, .. }) if family_unavailable(addr, &source) && listen.len() > 1 => {
+                    warn!(%addr, error = %source, "IPv6 is not available here; not listening on this address");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if sockets.is_empty() {
+            return Err(ServerError::NoAddress);
         }
         let shared = Arc::new(Shared { handler, settings });
         let (stop, stop_rx) = watch::channel(None);

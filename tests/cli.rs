@@ -157,3 +157,107 @@ async fn dig_against_the_demo() {
     assert!(full.contains("SOA"), "{full}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// Runs `script` (with `$BIN` set) in a network namespace of its own, as root; `None` where
+/// that cannot be done (not root, no `unshare`).
+fn in_own_netns(script: &str, wait_for: &str, limit: Duration) -> Option<(Vec<String>, bool)> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        eprintln!("skipping: network namespaces need root");
+        return None;
+    }
+    let mut child = Command::new("unshare")
+        .args(["--net", "sh", "-c", script])
+        .env("BIN", BIN)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let stderr = child.stderr.take()?;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&lines);
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+    });
+    let started = Instant::now();
+    let mut exited = false;
+    while started.elapsed() < limit {
+        if lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|l| l.contains(wait_for))
+        {
+            break;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    let lines = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Some((lines, exited))
+}
+
+#[test]
+fn a_node_without_ipv6_still_serves_on_its_ipv4_listen_address() {
+    // IPv6 off on the namespace's loopback: `[::1]` is not there, as on a node booted with
+    // ipv6.disable or net.ipv6.conf.all.disable_ipv6=1.
+    let script = r#"ip link set lo up && sysctl -qw net.ipv6.conf.lo.disable_ipv6=1 &&
+        ulimit -S -n 512 &&
+        exec "$BIN" demo --listen 127.0.0.1:0 --listen '[::1]:0' --upstream 127.0.0.1:9 --admin ''"#;
+    let Some((lines, exited)) = in_own_netns(script, "listening for DNS", Duration::from_secs(20)) else {
+        return;
+    };
+    let log = lines.join("\n");
+    assert!(!exited, "meshdns exited: {log}");
+    assert!(log.contains("IPv6 is not available here"), "{log}");
+    assert!(log.contains("listening for DNS") && log.contains("127.0.0.1"), "{log}");
+    // The soft open-file limit is raised to the hard one at start, and said so.
+    assert!(
+        log.contains("raised the open-file limit") && log.contains("from=512"),
+        "{log}"
+    );
+
+    // Any other bind failure still ends start-up: an address this namespace does not have.
+    let script = r#"ip link set lo up && exec "$BIN" demo --listen 127.0.0.1:0 --listen 192.0.2.1:0 --upstream 127.0.0.1:9 --admin ''"#;
+    let Some((lines, exited)) = in_own_netns(script, "listening for DNS", Duration::from_secs(20)) else {
+        return;
+    };
+    let log = lines.join("\n");
+    assert!(exited, "a listen address that is not there must end start-up: {log}");
+    assert!(log.contains("192.0.2.1"), "{log}");
+}
+
+#[test]
+fn an_absurd_duration_is_a_config_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c1.yaml"), "apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+    let config = dir.path().join("meshdns.yaml");
+    std::fs::write(
+        &config,
+        "tcpIdleTimeout: 18446744073709551615s\nclusters: [{name: c1, local: true, objects: c1.yaml}]\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for command in ["check", "serve"] {
+        let (code, stderr) = run(&[command, "--config", config]);
+        assert_eq!(code, 2, "{command}: {stderr}");
+        assert!(
+            stderr.contains("tcpIdleTimeout") && stderr.contains("outside"),
+            "{command}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+    }
+}
