@@ -266,6 +266,49 @@ async fn a_broken_dump_is_refused_and_the_last_good_state_kept() {
     assert!(failures.is_empty(), "failed cases:\n{}", failures.join("\n"));
 }
 
+/// A dump rewritten in place the way `kubectl get ... > dump.yaml` and `std::fs::write` do it:
+/// truncated, left empty for a while, then written in two parts with a pause between. meshdns
+/// must read it once, complete: no error reported, no false "empty" or "does not parse", and
+/// the new service answered. (Read half-written, the last good state stood, but a false error
+/// was logged and counted, and `a_broken_dump_is_refused_and_the_last_good_state_kept` failed
+/// now and then with the wrong error.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_written_in_place_is_read_once_it_is_complete() {
+    use std::io::Write as _;
+    let proxy = dump_proxy().await;
+    let path = proxy.dump_path("cluster-2");
+    assert_served(&proxy, "at start").await;
+    let errors_before = cluster_status(&proxy, "cluster-2").errors;
+    let text = kubectl_dump().replace("name: late", "name: later");
+    assert_ne!(text, kubectl_dump(), "the rewrite renames a service");
+    let (first, second) = text.split_at(text.len() / 2);
+    {
+        let mut file = std::fs::File::create(&path).expect("truncate the dump");
+        // kubectl has truncated the file and is still waiting for the API server.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        file.write_all(first.as_bytes()).expect("write the first half");
+        file.flush().expect("flush");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        file.write_all(second.as_bytes()).expect("write the second half");
+    }
+    let waited = Instant::now();
+    loop {
+        let reply = ask(proxy.addr, Proto::Udp, "later.sample.svc.cluster.local.", RecordType::A).await;
+        if reply.metadata.response_code == ResponseCode::NoError && !reply.answers.is_empty() {
+            break;
+        }
+        assert!(waited.elapsed() < RELOAD_WAIT, "the rewritten dump was never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = cluster_status(&proxy, "cluster-2");
+    assert_eq!(
+        status.errors, errors_before,
+        "a dump being written was read before it was complete: {:?}",
+        status.last_error
+    );
+    assert!(status.last_error.is_none() && !status.stale, "{status:?}");
+}
+
 /// `meshdns check` exits 2 for each broken dump, naming the cluster, the file and the problem;
 /// `serve` refuses to start on one the same way.
 #[test]

@@ -42,9 +42,16 @@ pub enum SourceError {
     Dump { path: PathBuf, source: Box<DumpError> },
 }
 
-/// Waits this long after a change event before reading, so a file being written in several
-/// steps is read once, complete.
+/// Waits this long after a change event in the remote-secrets directory before reading it:
+/// kubelet swaps the whole directory at once, so a short pause collects one swap's events.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+/// A changed dump is read once its size and modification time have not changed for this
+/// long: `std::fs::write`, an editor or `kubectl get ... > dump.yaml` truncate the file and
+/// then write it, and a read in between would see it empty or half-written.
+pub const RELOAD_SETTLE: Duration = Duration::from_millis(200);
+/// How long a dump that keeps changing, or stays empty (truncated for a rewrite that has not
+/// started), is waited for before it is read as it is.
+pub const RELOAD_SETTLE_MAX: Duration = Duration::from_secs(3);
 /// Checks the file's size and modification time this often even without events: a watch can
 /// be lost (inotify limits, a replaced directory) and a missed reload would go unnoticed.
 pub const RELOAD_POLL: Duration = Duration::from_secs(5);
@@ -93,9 +100,8 @@ impl DumpSource {
                     }
                 },
             }
-            tokio::time::sleep(RELOAD_DEBOUNCE).await;
+            let stamp = settled(&self.path).await;
             while rx.try_recv().is_ok() {}
-            let stamp = file_stamp(&self.path);
             if stamp == last_seen && stamp.is_some() {
                 continue;
             }
@@ -159,6 +165,22 @@ impl StaticSource {
 impl ClusterSource for StaticSource {
     fn run(self: Box<Self>, handle: ClusterHandle) -> BoxFuture {
         Box::pin(async move { handle.publish(self.state) })
+    }
+}
+
+/// The file's stamp once it has settled: unchanged across [`RELOAD_SETTLE`] and not empty, or
+/// whatever it is after [`RELOAD_SETTLE_MAX`].
+async fn settled(path: &Path) -> Option<(u64, SystemTime)> {
+    let give_up = tokio::time::Instant::now() + RELOAD_SETTLE_MAX;
+    let mut before = file_stamp(path);
+    loop {
+        tokio::time::sleep(RELOAD_SETTLE).await;
+        let now = file_stamp(path);
+        let empty = now.is_some_and(|(len, _)| len == 0);
+        if (now == before && !empty) || tokio::time::Instant::now() >= give_up {
+            return now;
+        }
+        before = now;
     }
 }
 
