@@ -185,10 +185,36 @@ fn alias_chain(records: Vec<Record>, target: &Name, qtype: RecordType) -> Vec<Re
     chain
 }
 
+/// The full path's response to `request` made from an upstream's (or the cache's) `reply`: its
+/// header and records under the client's ID and question spelling, with `edns` (from
+/// [`response_edns`]). The handler and the relay's declined replies both answer with it.
+pub fn forwarded_response<'q>(
+    request: &'q Request,
+    reply: &'q Message,
+    edns: Option<&'q Edns>,
+) -> hickory_server::zone_handler::MessageResponse<
+    'q,
+    'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+> {
+    let mut metadata = reply.metadata;
+    metadata.id = request.metadata.id;
+    MessageResponseBuilder::new(&request.queries, edns).build(
+        metadata,
+        reply.answers.iter(),
+        reply.authorities.iter(),
+        std::iter::empty(),
+        reply.additionals.iter(),
+    )
+}
+
 /// The EDNS section of a response: present when the query had one, version 0, advertising
 /// meshdns's own payload size (the listeners truncate UDP answers to what the client takes).
 /// An upstream's OPT keeps its flags and options; meshdns's own echoes the client's DO bit.
-fn response_edns(request: &Request, upstream: Option<&Edns>, payload: UdpPayload) -> Option<Edns> {
+pub fn response_edns(request: &Request, upstream: Option<&Edns>, payload: UdpPayload) -> Option<Edns> {
     let client = request.edns.as_ref()?;
     let mut edns = upstream.cloned().unwrap_or_default();
     edns.set_max_payload(payload.advertised());
@@ -300,18 +326,10 @@ impl<F: Forward> RequestHandler for DnsHandler<F> {
                 let transport = transport(request.protocol());
                 match self.forward(key.as_ref(), qname, request.as_slice(), transport).await {
                     (Ok(reply), source) => {
-                        let mut metadata = reply.metadata;
-                        metadata.id = request.metadata.id;
+                        let metadata = reply.metadata;
                         // A cached reply has no OPT record: the client's query decides it.
                         let edns = response_edns(request, reply.edns.as_ref(), self.payload);
-                        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
-                        let response = builder.build(
-                            metadata,
-                            reply.answers.iter(),
-                            reply.authorities.iter(),
-                            std::iter::empty(),
-                            reply.additionals.iter(),
-                        );
+                        let response = forwarded_response(request, &reply, edns.as_ref());
                         let outcome = match source {
                             Source::Upstream => Outcome::Forwarded,
                             Source::Cache => Outcome::CacheHit,

@@ -125,9 +125,10 @@ pub enum Step {
 pub enum Relayed {
     /// The reply for the client (counted already).
     Reply(Vec<u8>),
-    /// The full path must answer it (the cache holds it, or the upstream's reply cannot be
-    /// passed on as it is).
-    Declined,
+    /// The full path must answer it: with the upstream's reply, decoded, when one came back
+    /// that cannot be passed on as it is (it is re-encoded, never fetched again; counted
+    /// already), or from scratch.
+    Declined(Option<Message>),
 }
 
 /// Forwards plain UDP queries without the handler.
@@ -200,14 +201,20 @@ impl Relay {
                     self.cache.put(key, &reply.message, Instant::now());
                 }
                 let rcode = reply.message.metadata.response_code;
-                let Some(bytes) = client_reply(query, plan, &reply.message, reply.wire) else {
-                    tracing::debug!(%client, %name, qtype = %plan.qtype, "relayed reply needs re-encoding; full path");
-                    return Relayed::Declined;
+                let crate::upstream::Relayed { message, wire } = reply;
+                let relayed = client_reply(query, plan, &message, wire);
+                let path = if relayed.is_some() {
+                    "relay"
+                } else {
+                    "relay, re-encoded"
                 };
-                tracing::debug!(%client, %name, qtype = %plan.qtype, outcome = Outcome::Forwarded.as_str(), %rcode, elapsed_us = started.elapsed().as_micros() as u64, path = "relay", "query");
+                tracing::debug!(%client, %name, qtype = %plan.qtype, outcome = Outcome::Forwarded.as_str(), %rcode, elapsed_us = started.elapsed().as_micros() as u64, path, "query");
                 self.metrics
                     .request(Transport::Udp, plan.qtype, Outcome::Forwarded, started);
-                Relayed::Reply(bytes)
+                match relayed {
+                    Some(bytes) => Relayed::Reply(bytes),
+                    None => Relayed::Declined(Some(message)),
+                }
             }
             Err(error) => {
                 tracing::debug!(%client, %name, qtype = %plan.qtype, outcome = "error", %error, elapsed_us = started.elapsed().as_micros() as u64, path = "relay", "query");
@@ -215,7 +222,7 @@ impl Relay {
                     .request(Transport::Udp, plan.qtype, Outcome::Error, started);
                 match servfail(query, plan) {
                     Some(bytes) => Relayed::Reply(bytes),
-                    None => Relayed::Declined,
+                    None => Relayed::Declined(None),
                 }
             }
         }

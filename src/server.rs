@@ -44,6 +44,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::fast;
+use crate::handler;
 use crate::hub::SharedTable;
 use crate::metrics::{DropReason, MalformedReason, Metrics, Outcome};
 use crate::relay::{Plan, Relay, Relayed, Step};
@@ -564,7 +565,22 @@ fn relay_datagram<H: RequestHandler>(
                     debug!(client = %src, %error, "cannot send an answer");
                 }
             }
-            Relayed::Declined => match incoming(&query, src, Transport::Udp, &shared.settings.metrics) {
+            Relayed::Declined(fetched) => match incoming(&query, src, Transport::Udp, &shared.settings.metrics) {
+                // The reply already received is answered as the full path answers it, not
+                // fetched a second time.
+                Incoming::Query(request) if let Some(reply) = fetched => {
+                    let payload = shared.settings.udp_payload;
+                    let edns = handler::response_edns(&request, reply.edns.as_ref(), payload);
+                    let response = handler::forwarded_response(&request, &reply, edns.as_ref());
+                    match encode(response, udp_limit(&request, payload)) {
+                        Ok(Encoded { bytes, .. }) => {
+                            if let Err(error) = socket.send_to(&bytes, src).await {
+                                debug!(client = %src, %error, "cannot send an answer");
+                            }
+                        }
+                        Err(error) => debug!(client = %src, %error, "cannot encode an answer"),
+                    }
+                }
                 Incoming::Query(request) => {
                     let responder = UdpResponder::new(socket, &request, shared.settings.udp_payload);
                     shared.handler.handle_request::<_, TokioTime>(&request, responder).await;
