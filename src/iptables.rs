@@ -112,6 +112,11 @@ pub struct IptablesArgs {
     /// Where `--capture nameservers` reads the nameservers from.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_RESOLV_CONF)]
     pub resolv_conf: PathBuf,
+    /// An upstream of meshdns's config (`upstreams:`) that is not a nameserver of resolv.conf
+    /// (repeatable). With `--capture nameservers` its replies on port 53 must join the proxy's
+    /// conntrack zone like the nameservers' do, or they would not match the proxy's queries.
+    #[arg(long = "upstream", value_name = "ADDR")]
+    pub upstreams: Vec<IpAddr>,
     /// Leave IPv6 alone (it is skipped anyway when the kernel has no IPv6).
     #[arg(long)]
     pub no_ipv6: bool,
@@ -175,6 +180,8 @@ pub struct Spec {
     pub proxy_uid: u32,
     pub proxy_gid: u32,
     pub capture: Capture,
+    /// meshdns's configured upstreams besides the nameservers: only their replies are zoned.
+    pub upstreams: Vec<IpAddr>,
 }
 
 /// One of meshdns's chains: its table, the built-in chain that jumps to it, and its rules
@@ -243,6 +250,23 @@ pub fn rules(spec: &Spec, family: Family) -> Vec<OwnChain> {
         raw_prerouting.push(format!(
             "{src}-p udp -m udp --sport {DNS_PORT} -j CT --zone {UPSTREAM_ZONE}"
         ));
+    }
+    // The proxy's queries to its other upstreams are in its zone too (the owner rules above),
+    // so their replies must be; the app's own traffic to them is not captured, but it never
+    // comes from port 53 of these addresses to the app, which talks to the nameservers.
+    if let Capture::Only(nameservers) = &spec.capture {
+        let mut extra: Vec<IpAddr> = spec
+            .upstreams
+            .iter()
+            .copied()
+            .filter(|ip| !nameservers.contains(ip))
+            .collect();
+        extra.dedup();
+        for host in extra.into_iter().filter_map(|ip| family.host(ip)) {
+            raw_prerouting.push(format!(
+                "-s {host} -p udp -m udp --sport {DNS_PORT} -j CT --zone {UPSTREAM_ZONE}"
+            ));
+        }
     }
 
     vec![
@@ -460,6 +484,7 @@ pub fn spec_from_args(args: &IptablesArgs) -> Result<Spec, IptablesError> {
         proxy_uid: args.proxy_uid,
         proxy_gid: args.proxy_gid.unwrap_or(args.proxy_uid),
         capture,
+        upstreams: args.upstreams.clone(),
     })
 }
 
@@ -512,6 +537,7 @@ fn dry_run_text(args: &IptablesArgs, families: &[Family]) -> Result<String, Ipta
             proxy_uid: args.proxy_uid,
             proxy_gid: args.proxy_gid.unwrap_or(args.proxy_uid),
             capture: Capture::All,
+            upstreams: Vec::new(),
         }
     } else {
         spec_from_args(args)?
@@ -674,6 +700,7 @@ mod tests {
             proxy_uid: DEFAULT_PROXY_UID,
             proxy_gid: DEFAULT_PROXY_UID,
             capture,
+            upstreams: Vec::new(),
         }
     }
 
@@ -713,6 +740,7 @@ COMMIT
             proxy_uid: 999,
             proxy_gid: 1500,
             capture: Capture::All,
+            upstreams: Vec::new(),
         };
         let custom_v4 = ALL_DEFAULT
             .replace("--uid-owner 1337", "--uid-owner 999")
@@ -815,6 +843,30 @@ COMMIT
             let got = install_script(&rules(&spec, family), &Current::default());
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn replies_of_configured_upstreams_join_the_proxy_zone_in_nameservers_mode() {
+        let zone_rule = |host: &str| format!("-s {host} -p udp -m udp --sport 53 -j CT --zone {UPSTREAM_ZONE}");
+        let mut spec = spec(Capture::Only(vec![ip("10.96.0.10")]));
+        spec.upstreams = vec![ip("192.0.2.53"), ip("10.96.0.10"), ip("2001:db8::53")];
+        let chains = rules(&spec, Family::V4);
+        let prerouting = &chains.iter().find(|c| c.name == RAW_PREROUTING_CHAIN).unwrap().rules;
+        assert_eq!(
+            prerouting,
+            &vec![zone_rule("10.96.0.10/32"), zone_rule("192.0.2.53/32")],
+            "the nameserver once, the other upstream added"
+        );
+        let v6 = rules(&spec, Family::V6);
+        let prerouting = &v6.iter().find(|c| c.name == RAW_PREROUTING_CHAIN).unwrap().rules;
+        assert_eq!(prerouting, &vec![zone_rule("2001:db8::53/128")]);
+        // Nothing else changes: the captured destinations are still the nameservers only.
+        let nat = &chains.iter().find(|c| c.table == "nat").unwrap().rules;
+        assert!(nat.iter().all(|r| !r.contains("192.0.2.53")), "{nat:?}");
+        // In "all" mode every reply from port 53 is zoned already.
+        spec.capture = Capture::All;
+        let all = rules(&spec, Family::V4);
+        assert!(all.iter().flat_map(|c| &c.rules).all(|r| !r.contains("192.0.2.53")));
     }
 
     const SAVED_INSTALLED: &str = "\
@@ -967,6 +1019,7 @@ COMMIT
             proxy_gid: None,
             capture,
             resolv_conf: resolv_conf.to_path_buf(),
+            upstreams: Vec::new(),
             no_ipv6: false,
             dry_run: true,
             cleanup: false,
