@@ -365,7 +365,8 @@ fn cases() -> Vec<Case> {
             A,
             NoError,
             &["A 192.0.2.10", "CNAME www.example.test."],
-            true,
+            // The target's address is fetched from upstream: not authoritative.
+            false,
             false,
         ),
     ]
