@@ -29,8 +29,8 @@ use crate::name_key::KeyBuf;
 use crate::table::{EntryData, Found, Table};
 use crate::wire::{
     CLASS_IN, EDNS_DO, EDNS_VERSION, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, HEADER_LEN, MAX_LABEL,
-    OPCODE_MASK, RCODE_NO_ERROR, RCODE_NX_DOMAIN, TYPE_A, TYPE_AAAA, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR, TYPE_OPT,
-    UdpPayload, opt_record,
+    MAX_NAME_WIRE, OPCODE_MASK, RCODE_NO_ERROR, RCODE_NX_DOMAIN, TYPE_A, TYPE_AAAA, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR,
+    TYPE_OPT, UdpPayload, opt_record,
 };
 
 /// Offset of the question name, the target of every answer's compression pointer.
@@ -40,8 +40,6 @@ const POINTER_FLAG: u16 = 0xC000;
 const MAX_POINTER: u16 = 0x3FFF;
 /// EDNS Client Subnet (RFC 7871), an option whose content hickory parses.
 const OPTION_CLIENT_SUBNET: u16 = 8;
-/// Longest name in wire form, root byte included.
-const MAX_NAME_WIRE: usize = 255;
 
 /// What the fast path wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,14 +11,7 @@
 
 use std::fmt;
 
-use crate::wire::{HEADER_LEN, MAX_LABEL, POINTER_BITS, TYPE_OPT};
-
-/// Longest name in wire form (RFC 1035 3.1), root byte included.
-const MAX_NAME: usize = 255;
-/// Fixed part of a record after its owner: type, class, TTL, data length.
-const RR_FIXED: usize = 10;
-/// Fixed part of a question after its name: type and class.
-const QUESTION_FIXED: usize = 4;
+use crate::wire::{HEADER_LEN, MAX_LABEL, MAX_NAME_WIRE as MAX_NAME, POINTER_BITS, QUESTION_FIXED, RR_FIXED, TYPE_OPT};
 
 /// What a strictly read message holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

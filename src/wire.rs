@@ -33,7 +33,11 @@ pub const EDNS_DO: u16 = 0x8000;
 /// An OPT record without options.
 pub const OPT_LEN: usize = 11;
 /// Fixed part of a resource record after its owner name: type, class, TTL, data length.
-const RR_FIXED: usize = 10;
+pub const RR_FIXED: usize = 10;
+/// Fixed part of a question after its name: type and class.
+pub const QUESTION_FIXED: usize = 4;
+/// Longest name in wire form, root byte included (RFC 1035 3.1).
+pub const MAX_NAME_WIRE: usize = 255;
 /// Offset of the TTL within that fixed part.
 const TTL_AT: usize = 4;
 /// From the TTL to the data: the TTL and the data length.
