@@ -6,7 +6,7 @@
 //! | `/metrics` | the Prometheus text format |
 //! | `/healthz` | 200 while the process runs |
 //! | `/ready` | 200 once DNS is served, 503 before; the body names the clusters not loaded |
-//! | `/debug/clusters` | JSON: each cluster's source, state, services, gateways, last error |
+//! | `/debug/clusters` | JSON: each cluster's source, state, services, gateways (answered and refused), last error |
 //! | `/debug/table` | JSON: every table name, its records and why; `?name=` for one name |
 
 use std::collections::HashMap;
@@ -191,6 +191,8 @@ struct ClusterView {
     stale: bool,
     services: usize,
     gateways: Vec<String>,
+    /// `127.0.0.1 (loopback)`: reported gateway addresses that are never answered.
+    refused_gateway_addresses: Vec<String>,
     last_error: Option<String>,
     errors: u64,
     seconds_since_update: Option<f64>,
@@ -203,14 +205,8 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
         .status()
         .into_iter()
         .map(|c| ClusterView {
-            gateways: c
-                .gateways
-                .iter()
-                .map(|g| match g {
-                    crate::cluster::Ingress::Ip(ip) => ip.to_string(),
-                    crate::cluster::Ingress::Hostname(host) => host.clone(),
-                })
-                .collect(),
+            gateways: c.gateways.iter().map(ToString::to_string).collect(),
+            refused_gateway_addresses: c.refused_gateways.iter().map(ToString::to_string).collect(),
             seconds_since_update: c.last_update.map(|at| now.saturating_duration_since(at).as_secs_f64()),
             name: c.name,
             local: c.local,

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -150,6 +150,122 @@ pub struct ServicePort {
 pub enum Ingress {
     Ip(IpAddr),
     Hostname(String),
+}
+
+impl fmt::Display for Ingress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(ip) => write!(f, "{ip}"),
+            Self::Hostname(host) => f.write_str(host),
+        }
+    }
+}
+
+/// Why a gateway address is never answered. A remote cluster is administered by someone else:
+/// a gateway it reports is answered to every pod of this one, so an address that would make
+/// pods talk to themselves, their node or the cloud metadata service must not pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GatewayRefusal {
+    Loopback,
+    LinkLocal,
+    Unspecified,
+    Multicast,
+    Broadcast,
+    /// `localhost` or a name below it (RFC 6761: always loopback).
+    Localhost,
+    /// A name inside the cluster domain: it would alias a remote name to one of this cluster's.
+    ClusterDomain,
+}
+
+impl fmt::Display for GatewayRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Loopback => "loopback",
+            Self::LinkLocal => "link-local",
+            Self::Unspecified => "unspecified",
+            Self::Multicast => "multicast",
+            Self::Broadcast => "broadcast",
+            Self::Localhost => "localhost",
+            Self::ClusterDomain => "inside the cluster domain",
+        })
+    }
+}
+
+/// A gateway address left out of the answers, and why; shown as `127.0.0.1 (loopback)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RefusedGateway {
+    pub ingress: Ingress,
+    pub reason: GatewayRefusal,
+}
+
+impl fmt::Display for RefusedGateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.ingress, self.reason)
+    }
+}
+
+/// Whether a gateway address must never be answered, and why. `cluster_domain` is lowercase
+/// without a trailing dot; the one rule for every gateway, reported or configured.
+pub fn gateway_refusal(ingress: &Ingress, cluster_domain: &str) -> Option<GatewayRefusal> {
+    match ingress {
+        Ingress::Ip(IpAddr::V4(ip)) => v4_refusal(*ip),
+        // `::ffff:127.0.0.1` reaches the v4 address, so it is judged as that address.
+        Ingress::Ip(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+            Some(v4) => v4_refusal(v4),
+            None if ip.is_loopback() => Some(GatewayRefusal::Loopback),
+            None if ip.is_unspecified() => Some(GatewayRefusal::Unspecified),
+            None if ip.is_multicast() => Some(GatewayRefusal::Multicast),
+            // fe80::/10; `Ipv6Addr::is_unicast_link_local` needs a newer Rust than rust-version.
+            None if ip.segments()[0] & 0xffc0 == 0xfe80 => Some(GatewayRefusal::LinkLocal),
+            None => None,
+        },
+        Ingress::Hostname(host) => {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            let below = |zone: &str| {
+                !zone.is_empty() && (host == zone || host.strip_suffix(zone).is_some_and(|rest| rest.ends_with('.')))
+            };
+            if below("localhost") {
+                Some(GatewayRefusal::Localhost)
+            } else if below(cluster_domain.trim_end_matches('.')) {
+                Some(GatewayRefusal::ClusterDomain)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn v4_refusal(ip: Ipv4Addr) -> Option<GatewayRefusal> {
+    if ip.is_loopback() {
+        Some(GatewayRefusal::Loopback)
+    } else if ip.is_link_local() {
+        Some(GatewayRefusal::LinkLocal)
+    } else if ip.octets()[0] == 0 {
+        // 0.0.0.0/8 is "this network": a connection to it reaches this host, like 0.0.0.0.
+        Some(GatewayRefusal::Unspecified)
+    } else if ip.is_multicast() {
+        Some(GatewayRefusal::Multicast)
+    } else if ip.is_broadcast() {
+        Some(GatewayRefusal::Broadcast)
+    } else {
+        None
+    }
+}
+
+/// Splits gateway addresses into those that may be answered and those refused, order kept.
+pub fn partition_gateways(addresses: &[Ingress], cluster_domain: &str) -> (Vec<Ingress>, Vec<RefusedGateway>) {
+    let mut allowed = Vec::with_capacity(addresses.len());
+    let mut refused = Vec::new();
+    for ingress in addresses {
+        match gateway_refusal(ingress, cluster_domain) {
+            None => allowed.push(ingress.clone()),
+            Some(reason) => refused.push(RefusedGateway {
+                ingress: ingress.clone(),
+                reason,
+            }),
+        }
+    }
+    (allowed, refused)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -317,6 +433,75 @@ mod tests {
             let parsed = LabelSelector::parse(selector).expect(selector);
             assert_eq!(parsed.matches(labels.iter().copied()), want, "{selector}");
         }
+    }
+
+    #[test]
+    fn gateway_refusals() {
+        use GatewayRefusal::*;
+        let ip = |s: &str| Ingress::Ip(s.parse().expect(s));
+        let host = |s: &str| Ingress::Hostname(s.to_string());
+        let cases = [
+            (ip("127.0.0.1"), Some(Loopback)),
+            (ip("127.255.0.9"), Some(Loopback)),
+            (ip("::1"), Some(Loopback)),
+            (ip("::ffff:127.0.0.1"), Some(Loopback)),
+            (ip("169.254.169.254"), Some(LinkLocal)),
+            (ip("::ffff:169.254.169.254"), Some(LinkLocal)),
+            (ip("fe80::1"), Some(LinkLocal)),
+            (ip("febf::1"), Some(LinkLocal)),
+            (ip("0.0.0.0"), Some(Unspecified)),
+            (ip("0.1.2.3"), Some(Unspecified)),
+            (ip("::"), Some(Unspecified)),
+            (ip("::ffff:0.0.0.0"), Some(Unspecified)),
+            (ip("224.0.0.1"), Some(Multicast)),
+            (ip("239.255.255.250"), Some(Multicast)),
+            (ip("ff02::1"), Some(Multicast)),
+            (ip("::ffff:224.0.0.251"), Some(Multicast)),
+            (ip("255.255.255.255"), Some(Broadcast)),
+            (ip("::ffff:255.255.255.255"), Some(Broadcast)),
+            (host("localhost"), Some(Localhost)),
+            (host("LocalHost."), Some(Localhost)),
+            (host("gw.localhost"), Some(Localhost)),
+            (host("cluster.local"), Some(ClusterDomain)),
+            (host("kube-dns.kube-system.svc.cluster.local"), Some(ClusterDomain)),
+            (host("Evil.SVC.Cluster.Local."), Some(ClusterDomain)),
+            // Public and private (RFC 1918, ULA) addresses are what gateways have.
+            (ip("34.136.67.85"), None),
+            (ip("10.0.0.1"), None),
+            (ip("172.16.5.4"), None),
+            (ip("192.168.1.1"), None),
+            (ip("2001:db8::85"), None),
+            (ip("fd00::1"), None),
+            (ip("fec0::1"), None),
+            (ip("::ffff:34.136.67.85"), None),
+            (host("abc.elb.amazonaws.com"), None),
+            (host("notlocalhost"), None),
+            (host("localhost.example.com"), None),
+            (host("mycluster.local"), None),
+            (host("cluster.local.example.com"), None),
+        ];
+        for (ingress, want) in cases {
+            assert_eq!(gateway_refusal(&ingress, "cluster.local"), want, "{ingress}");
+        }
+    }
+
+    #[test]
+    fn refused_gateways_are_split_off_and_shown_with_their_reason() {
+        let gw = [
+            Ingress::Ip("127.0.0.1".parse().unwrap()),
+            Ingress::Ip("34.136.67.85".parse().unwrap()),
+            Ingress::Hostname("api.svc.cluster.local".into()),
+        ];
+        let (allowed, refused) = partition_gateways(&gw, "cluster.local");
+        assert_eq!(allowed, [gw[1].clone()]);
+        let shown: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "127.0.0.1 (loopback)",
+                "api.svc.cluster.local (inside the cluster domain)"
+            ]
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{ClusterState, Ingress};
+use crate::cluster::{ClusterState, Ingress, RefusedGateway, partition_gateways};
 use crate::metrics::Metrics;
 use crate::table::{ClusterInput, Table, TableSettings};
 
@@ -66,8 +66,18 @@ pub struct ClusterStatus {
     /// Failures reported by the source since the cluster was registered.
     pub errors: u64,
     /// The gateway addresses remote names of this cluster are answered with: the configured
-    /// ones, or else those the cluster reports.
+    /// ones, or else those the cluster reports, less the refused ones.
     pub gateways: Vec<Ingress>,
+    /// Gateway addresses never answered (loopback, link-local, ...), with the reason.
+    pub refused_gateways: Vec<RefusedGateway>,
+}
+
+/// What the last rebuild reported, to log only what changed since.
+#[derive(Debug, Default)]
+struct Warned {
+    without_gateway: BTreeSet<String>,
+    skipped: BTreeSet<String>,
+    refused_gateways: BTreeMap<String, BTreeSet<RefusedGateway>>,
 }
 
 #[derive(Debug)]
@@ -81,8 +91,8 @@ pub struct Hub {
     loaded_changed: Notify,
     generation: AtomicU64,
     epochs: AtomicU64,
-    /// Clusters without a gateway and services with unusable names already logged.
-    warned: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
+    /// Problems already logged, so each is logged when it appears, not on every rebuild.
+    warned: Mutex<Warned>,
     metrics: Arc<Metrics>,
 }
 
@@ -102,7 +112,7 @@ impl Hub {
             loaded_changed: Notify::new(),
             generation: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
-            warned: Mutex::new((BTreeSet::new(), BTreeSet::new())),
+            warned: Mutex::new(Warned::default()),
             metrics,
         })
     }
@@ -161,23 +171,32 @@ impl Hub {
     }
 
     pub fn status(&self) -> Vec<ClusterStatus> {
+        let settings = self.settings();
         self.slots()
             .values()
-            .map(|slot| ClusterStatus {
-                name: slot.meta.name.clone(),
-                local: slot.meta.local,
-                source: slot.meta.source.clone(),
-                loaded: slot.loaded,
-                stale: slot.stale,
-                services: slot.state.services.len(),
-                last_error: slot.last_error.clone(),
-                last_update: slot.last_update,
-                errors: slot.errors,
-                gateways: slot
-                    .meta
-                    .gateway_override
-                    .clone()
-                    .unwrap_or_else(|| slot.state.gateway_addresses()),
+            .map(|slot| {
+                // The rule the table builder applies, so the page shows what is answered.
+                let (gateways, refused_gateways) = partition_gateways(
+                    &slot
+                        .meta
+                        .gateway_override
+                        .clone()
+                        .unwrap_or_else(|| slot.state.gateway_addresses()),
+                    &settings.cluster_domain,
+                );
+                ClusterStatus {
+                    name: slot.meta.name.clone(),
+                    local: slot.meta.local,
+                    source: slot.meta.source.clone(),
+                    loaded: slot.loaded,
+                    stale: slot.stale,
+                    services: slot.state.services.len(),
+                    last_error: slot.last_error.clone(),
+                    last_update: slot.last_update,
+                    errors: slot.errors,
+                    gateways,
+                    refused_gateways,
+                }
             })
             .collect()
     }
@@ -221,13 +240,27 @@ impl Hub {
         {
             // Each problem is logged when it appears, not on every rebuild.
             let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for cluster in report.clusters_without_gateway.difference(&warned.0) {
+            for cluster in report.clusters_without_gateway.difference(&warned.without_gateway) {
                 warn!(cluster = %cluster, "remote cluster has no east-west gateway address; its services are not answered");
             }
-            for service in report.skipped.difference(&warned.1) {
+            for service in report.skipped.difference(&warned.skipped) {
                 warn!(%service, "service name is not a valid DNS name; left out of the table");
             }
-            *warned = (report.clusters_without_gateway, report.skipped);
+            for (cluster, refused) in &report.refused_gateways {
+                if warned.refused_gateways.get(cluster) != Some(refused) {
+                    let refused: Vec<String> = refused.iter().map(ToString::to_string).collect();
+                    warn!(
+                        cluster = %cluster,
+                        refused = %refused.join(", "),
+                        "remote cluster reports east-west gateway addresses that are never answered"
+                    );
+                }
+            }
+            *warned = Warned {
+                without_gateway: report.clusters_without_gateway,
+                skipped: report.skipped,
+                refused_gateways: report.refused_gateways,
+            };
         }
         let names = table.len();
         let all_loaded = table.all_loaded();

@@ -2,8 +2,8 @@
 //! immutable value. A new table is built on every change and published whole (see
 //! [`crate::hub`]), so a query reads one consistent snapshot and never waits for a rebuild.
 
-use std::collections::BTreeSet;
 use std::collections::hash_map::Entry as Slot;
+use std::collections::{BTreeMap, BTreeSet};
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -14,7 +14,8 @@ use hickory_proto::rr::{Name, RData, Record};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 use crate::cluster::{
-    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, Service, ServiceKind, ServicePort,
+    ClusterState, EndpointSlice, Ingress, ObjectKey, PortProtocol, RefusedGateway, Service, ServiceKind, ServicePort,
+    partition_gateways,
 };
 use crate::name_key::{KeyBuf, MAX_KEY_LEN, ancestors, to_name};
 
@@ -100,6 +101,17 @@ pub struct ClusterInput<'a> {
     pub gateway_override: Option<&'a [Ingress]>,
 }
 
+impl ClusterInput<'_> {
+    /// The configured gateway addresses, or else those the cluster reports, before the
+    /// [`partition_gateways`] rule is applied.
+    pub fn gateway_addresses(&self) -> Vec<Ingress> {
+        match self.gateway_override {
+            Some(addrs) => addrs.to_vec(),
+            None => self.state.gateway_addresses(),
+        }
+    }
+}
+
 /// An immutable snapshot of every name meshdns answers.
 #[derive(Debug)]
 pub struct Table {
@@ -133,6 +145,9 @@ pub struct BuildReport {
     pub clusters_without_gateway: BTreeSet<String>,
     /// Services whose names are not valid DNS names and were left out.
     pub skipped: BTreeSet<String>,
+    /// Remote clusters' gateway addresses that are never answered (loopback, link-local, ...),
+    /// by cluster; clusters without any are not listed.
+    pub refused_gateways: BTreeMap<String, BTreeSet<RefusedGateway>>,
 }
 
 impl Table {
@@ -173,7 +188,7 @@ impl Table {
         for (i, cluster) in clusters.iter().enumerate().filter(|(_, c)| c.local) {
             b.local_cluster(cluster.state, &cluster_names[i]);
         }
-        b.remote_clusters(clusters, &cluster_names);
+        b.remote_clusters(clusters, &cluster_names, &settings.cluster_domain);
         for namespace in std::mem::take(&mut b.namespaces) {
             if let Some(key) = b.full_key(namespace) {
                 b.ents.insert(key.to_boxed());
@@ -680,7 +695,7 @@ impl<'a> Builder<'a> {
 
     /// Remote-only services: which clusters hold each one (in cluster order), then one answer
     /// per distinct set of holders, shared by every service it covers.
-    fn remote_clusters(&mut self, clusters: &[ClusterInput<'a>], names: &[Arc<str>]) {
+    fn remote_clusters(&mut self, clusters: &[ClusterInput<'a>], names: &[Arc<str>], cluster_domain: &str) {
         let capacity = clusters.iter().map(|c| c.state.services.len()).max().unwrap_or(0);
         // Sets of holders are interned, so a service carries a set's index rather than a list
         // of its own: `sets[0]` is empty, and `grown` maps (set, cluster) to the set that adds
@@ -718,11 +733,19 @@ impl<'a> Builder<'a> {
                 });
             }
         }
+        // Refused addresses are left out here, where every answer is made, so no source or
+        // override can slip one in; a cluster left with none counts as having no gateway.
         let gateways: Vec<Vec<Ingress>> = clusters
             .iter()
-            .map(|c| match c.gateway_override {
-                Some(addrs) => addrs.to_vec(),
-                None => c.state.gateway_addresses(),
+            .zip(names)
+            .map(|(c, name)| {
+                let (allowed, refused) = partition_gateways(&c.gateway_addresses(), cluster_domain);
+                if !c.local && !refused.is_empty() {
+                    self.report
+                        .refused_gateways
+                        .insert(name.to_string(), refused.into_iter().collect());
+                }
+                allowed
             })
             .collect();
         let mut answers: Vec<Option<Option<Entry>>> = vec![None; sets.len()];
@@ -1024,6 +1047,77 @@ mod tests {
                 v6: vec![]
             }
         );
+    }
+
+    #[test]
+    fn refused_gateway_addresses_are_left_out_and_reported() {
+        let ip = |s: &str| Ingress::Ip(s.parse().unwrap());
+        let mk = |name: &str, gw: Vec<Ingress>| {
+            let mut s = ClusterState::default();
+            s.services.insert(ObjectKey::new("ns", name), svc(&["10.0.0.1"]));
+            s.services.insert(ObjectKey::new("ns", "shared"), svc(&["10.0.0.2"]));
+            s.gateways.insert(ObjectKey::new("istio-system", "gw"), gw);
+            s
+        };
+        let local = ClusterState::default();
+        let bad = mk("bad", vec![ip("127.0.0.1"), ip("169.254.169.254")]);
+        let mixed = mk("mixed", vec![ip("::ffff:127.0.0.1"), ip("34.136.67.85")]);
+        let host = mk(
+            "host",
+            vec![Ingress::Hostname("kube-dns.kube-system.svc.cluster.local".into())],
+        );
+        let input = |name, local, state, over| ClusterInput {
+            name,
+            local,
+            state,
+            loaded: true,
+            gateway_override: over,
+        };
+        let over = [ip("0.0.0.0")];
+        let inputs = [
+            input("c1", true, &local, None),
+            input("c2", false, &bad, None),
+            input("c3", false, &mixed, None),
+            input("c4", false, &host, None),
+            input("c5", false, &mixed, Some(&over)),
+        ];
+        let (table, report) = Table::build(&settings(), &inputs, 1);
+        let get = |n: &str| table.get(&fqdn(&format!("{n}.ns.svc.cluster.local")).unwrap());
+        assert!(get("bad").is_none(), "only refused addresses: no answer");
+        assert!(get("host").is_none(), "an alias into the cluster domain is refused");
+        let v4 = vec!["34.136.67.85".parse().unwrap()];
+        for name in ["mixed", "shared"] {
+            let entry = get(name).unwrap();
+            assert_eq!(
+                *entry.data,
+                EntryData::Addresses {
+                    v4: v4.clone(),
+                    v6: vec![]
+                },
+                "{name}"
+            );
+            assert!(matches!(&entry.origin, Origin::Remote { clusters } if **clusters == [Arc::from("c3")]));
+        }
+        let without: Vec<&str> = report.clusters_without_gateway.iter().map(String::as_str).collect();
+        assert_eq!(without, ["c2", "c4", "c5"]);
+        let shown: BTreeMap<&str, Vec<String>> = report
+            .refused_gateways
+            .iter()
+            .map(|(c, r)| (c.as_str(), r.iter().map(ToString::to_string).collect()))
+            .collect();
+        let want: BTreeMap<&str, Vec<String>> = [
+            ("c2", vec!["127.0.0.1 (loopback)", "169.254.169.254 (link-local)"]),
+            ("c3", vec!["::ffff:127.0.0.1 (loopback)"]),
+            (
+                "c4",
+                vec!["kube-dns.kube-system.svc.cluster.local (inside the cluster domain)"],
+            ),
+            ("c5", vec!["0.0.0.0 (unspecified)"]),
+        ]
+        .into_iter()
+        .map(|(c, r)| (c, r.into_iter().map(String::from).collect()))
+        .collect();
+        assert_eq!(shown, want);
     }
 
     #[test]

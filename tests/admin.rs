@@ -15,7 +15,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use support::apiserver::{FakeApiServer, service};
-use support::dns::{Proto, ask, exchange, exchange_raw, query_msg};
+use support::dns::{Proto, answers, ask, exchange, exchange_raw, query_msg};
 use support::process::{BIN, Meshdns};
 use support::proxy::{ClusterSpec, Dump, Proxy, Spec, Src, write_config};
 use support::upstream::{Behavior, FakeUpstream, closed_port_addr};
@@ -518,6 +518,91 @@ async fn ready_once_the_startup_wait_expires() {
     })
     .await
     .unwrap();
+}
+
+/// A remote cluster whose gateway reports loopback and the cloud metadata address gets
+/// neither answered to pods: its services are served by the other cluster's good gateway, or
+/// not at all, and `/debug/clusters` shows what was refused and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_gateway_addresses_are_not_answered_and_are_shown() {
+    let upstream = FakeUpstream::start(vec![], Behavior::Normal).await;
+    let clusters = [
+        ClusterSpec {
+            name: "cluster-1",
+            local: true,
+            dump: Dump::new().service("sleep", "sleep", &["10.96.88.40"]),
+        },
+        ClusterSpec {
+            name: "cluster-2",
+            local: false,
+            dump: Dump::new()
+                .service("shared", "multi", &["10.112.30.3"])
+                .gateway(&["34.136.67.85"]),
+        },
+        ClusterSpec {
+            name: "cluster-3",
+            local: false,
+            dump: Dump::new()
+                .service("shared", "multi", &["10.113.0.3"])
+                .service("only", "metadata", &["10.113.0.4"])
+                .gateway(&["127.0.0.1", "169.254.169.254"]),
+        },
+    ];
+    let proxy = Proxy::start(&clusters, &[upstream.addr], "").await;
+    let cases: &[(&str, RecordType, ResponseCode, &[&str])] = &[
+        (
+            "multi.shared.svc.cluster.local.",
+            RecordType::A,
+            ResponseCode::NoError,
+            &["A 34.136.67.85"],
+        ),
+        (
+            "multi.shared.svc.cluster.local.",
+            RecordType::AAAA,
+            ResponseCode::NoError,
+            &[],
+        ),
+        // Only cluster-3 has it, and cluster-3 has no gateway that may be answered.
+        (
+            "metadata.only.svc.cluster.local.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+            &[],
+        ),
+    ];
+    for &(name, qtype, rcode, want) in cases {
+        for proto in [Proto::Udp, Proto::Tcp] {
+            let reply = ask(proxy.addr, proto, name, qtype).await;
+            assert_eq!(reply.metadata.response_code, rcode, "{name} {qtype} {proto:?}");
+            assert_eq!(answers(&reply), want, "{name} {qtype} {proto:?}");
+        }
+    }
+
+    let admin = proxy.app.admin_addr().unwrap();
+    let body = tokio::task::spawn_blocking(move || get(admin, "/debug/clusters"))
+        .await
+        .unwrap()
+        .1;
+    let clusters: Value = serde_json::from_str(&body).expect("clusters JSON");
+    let cluster = |name: &str| {
+        clusters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {clusters}"))
+            .clone()
+    };
+    let c3 = cluster("cluster-3");
+    assert_eq!(c3["gateways"], serde_json::json!([]), "{c3}");
+    assert_eq!(
+        c3["refusedGatewayAddresses"],
+        serde_json::json!(["127.0.0.1 (loopback)", "169.254.169.254 (link-local)"]),
+        "{c3}"
+    );
+    let c2 = cluster("cluster-2");
+    assert_eq!(c2["gateways"], serde_json::json!(["34.136.67.85"]), "{c2}");
+    assert_eq!(c2["refusedGatewayAddresses"], serde_json::json!([]), "{c2}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
