@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::cluster::is_dns_label;
 use crate::config::{ClusterSource, Config, Overrides};
 use crate::resolv::ResolvConf;
-use crate::source::kubeconfig::{parse_kubeconfig, read_kubeconfig};
+use crate::source::kubeconfig::{parse_kubeconfig, plain_http_servers, read_kubeconfig};
 use crate::source::{load_dump, parse_dump};
 
 /// The outcome of a check: problems (empty when the config is good) and notes for the operator.
@@ -118,9 +118,16 @@ fn check_remote_secrets(dir: &Path, local: &str, report: &mut Report) {
             continue;
         }
         match read_kubeconfig(&path).and_then(|text| parse_kubeconfig(&text, true)) {
-            Ok(_) => report
-                .notes
-                .push(format!("remote cluster {name}: kubeconfig is usable")),
+            Ok(config) => {
+                report
+                    .notes
+                    .push(format!("remote cluster {name}: kubeconfig is usable"));
+                for field in plain_http_servers(&config) {
+                    report
+                        .notes
+                        .push(format!("remote cluster {name}: warning: {field} is plain http"));
+                }
+            }
             Err(error) => report
                 .problems
                 .push(format!("remote cluster {name} ({}): {error}", path.display())),

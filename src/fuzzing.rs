@@ -652,6 +652,8 @@ pub fn kubeconfig(data: &[u8]) {
             }
             for cluster in config.clusters.iter().filter_map(|c| c.cluster.as_ref()) {
                 assert!(cluster.certificate_authority.is_none(), "a CA file path");
+                assert!(cluster.insecure_skip_tls_verify != Some(true), "TLS verification off");
+                assert!(cluster.proxy_url.is_none(), "a proxy");
             }
             assert!(
                 config

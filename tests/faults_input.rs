@@ -379,7 +379,8 @@ struct KubeconfigCase {
     /// The refusal names the cluster and contains one of these.
     want_error: &'static [&'static str],
     /// Also refused when the operator configures it (`clusters[].kubeconfig`); the untrusted
-    /// rules (exec, auth providers, file paths) apply to remote secrets only.
+    /// rules (exec, auth providers, file paths, TLS verification off, proxies, link-local or
+    /// unspecified servers) apply to remote secrets only.
     bad_when_trusted: bool,
 }
 
@@ -468,6 +469,40 @@ fn kubeconfig_cases(api: &FakeApiServer) -> Vec<KubeconfigCase> {
                 "    certificate-authority: /etc/ssl/certs/ca.pem\n    server:",
             )),
             &["cluster.certificate-authority is not allowed"],
+            false,
+        ),
+        case(
+            "insecure-tls",
+            Content::Text(good("insecure-tls").replace(
+                "    server:",
+                "    insecure-skip-tls-verify: true\n    server:",
+            )),
+            &["cluster.insecure-skip-tls-verify is not allowed"],
+            false,
+        ),
+        case(
+            "proxy-url",
+            Content::Text(good("proxy-url").replace("    server:", "    proxy-url: http://127.0.0.1:3128\n    server:")),
+            &["cluster.proxy-url is not allowed"],
+            false,
+        ),
+        // The cloud metadata address, and the same address as the system resolver reads it.
+        case(
+            "metadata-server",
+            Content::Text(good("metadata-server").replace(&api.url(), "http://169.254.169.254")),
+            &["cluster.server is not allowed"],
+            false,
+        ),
+        case(
+            "metadata-decimal",
+            Content::Text(good("metadata-decimal").replace(&api.url(), "https://2852039166:443")),
+            &["cluster.server is not allowed"],
+            false,
+        ),
+        case(
+            "unspecified-server",
+            Content::Text(good("unspecified-server").replace(&api.url(), "https://[::]:6443")),
+            &["cluster.server is not allowed"],
             false,
         ),
     ]

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use super::kubeconfig::{client_from_kubeconfig, parse_kubeconfig, read_kubeconfig};
+use super::kubeconfig::{client_from_kubeconfig, parse_kubeconfig, plain_http_servers, read_kubeconfig};
 use super::live::KubeSource;
 use super::{ClusterSource, RELOAD_DEBOUNCE};
 use crate::cluster::{DEFAULT_GATEWAY_SELECTOR, LabelSelector};
@@ -113,6 +113,9 @@ impl RemoteSecrets {
 
     async fn start(&self, name: &str, content: &str) -> Result<JoinHandle<()>, String> {
         let config = parse_kubeconfig(content, true).map_err(|e| e.to_string())?;
+        for field in plain_http_servers(&config) {
+            warn!(cluster = %name, %field, "remote secret's API server is plain http: its token and answers travel unencrypted");
+        }
         let client = client_from_kubeconfig(config).await.map_err(|e| e.to_string())?;
         let selector = LabelSelector::parse(DEFAULT_GATEWAY_SELECTOR).map_err(|e| e.to_string())?;
         let handle = self.hub.add_cluster(ClusterMeta {
