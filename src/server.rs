@@ -572,13 +572,9 @@ fn relay_datagram<H: RequestHandler>(
                     let payload = shared.settings.udp_payload;
                     let edns = handler::response_edns(&request, reply.edns.as_ref(), payload);
                     let response = handler::forwarded_response(&request, &reply, edns.as_ref());
-                    match encode(response, udp_limit(&request, payload)) {
-                        Ok(Encoded { bytes, .. }) => {
-                            if let Err(error) = socket.send_to(&bytes, src).await {
-                                debug!(client = %src, %error, "cannot send an answer");
-                            }
-                        }
-                        Err(error) => debug!(client = %src, %error, "cannot encode an answer"),
+                    let mut responder = UdpResponder::new(socket, &request, payload);
+                    if let Err(error) = responder.send_response(response).await {
+                        debug!(client = %src, %error, "cannot send an answer");
                     }
                 }
                 Incoming::Query(request) => {

@@ -292,6 +292,7 @@ impl<'w> Reader<'w> {
                 });
             }
         }
+        // Again with the root byte, which the loop does not check.
         if out.len() > MAX_NAME {
             return Err(Malformed {
                 at: pos,

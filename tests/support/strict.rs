@@ -115,15 +115,5 @@ fn question_len(message: &[u8]) -> usize {
     if message.get(4..6) == Some(&[0, 0]) {
         return 0;
     }
-    let mut at = 12;
-    while let Some(&len) = message.get(at) {
-        if len == 0 {
-            return at + 1 + 4 - 12;
-        }
-        if len & 0xC0 == 0xC0 {
-            return at + 2 + 4 - 12;
-        }
-        at += 1 + usize::from(len);
-    }
-    0
+    meshdns::wire::skip_name(message, 12).map_or(0, |end| end + 4 - 12)
 }
